@@ -1,0 +1,126 @@
+// extern "C" surface: converts C++ exceptions into return codes + a thread-local message,
+// so nothing thrown inside the engine ever crosses into Python.
+#include "pylazy.h"
+#include "context.h"
+#include "model.h"
+
+#include <cstring>
+#include <new>
+#include <string>
+
+struct plz_model   { plz::Model * m; };
+struct plz_context { plz::Context * c; };
+
+static thread_local std::string g_last_error;
+
+template <typename F>
+static int guarded(F && f) {
+    try {
+        f();
+        return PLZ_OK;
+    } catch (const plz::Error & e) {
+        g_last_error = e.what();
+        return e.code;
+    } catch (const std::bad_alloc &) {
+        g_last_error = "out of host memory";
+        return PLZ_ERR_RUNTIME;
+    } catch (const std::exception & e) {
+        g_last_error = e.what();
+        return PLZ_ERR_RUNTIME;
+    }
+}
+
+static void require(bool ok, const char * msg) {
+    if (!ok) throw plz::Error(PLZ_ERR_ARG, msg);
+}
+
+extern "C" {
+
+const char * pylazy_last_error(void) { return g_last_error.c_str(); }
+
+int plz_model_load(const char * path, const plz_model_params * params, plz_model ** out) {
+    return guarded([&] {
+        require(path && params && out, "null argument");
+        *out = nullptr;
+        int threads = params->n_threads;
+        require(threads <= 1024, "n_threads must be <= 1024");
+        plz::Model * m = plz::load_model(path, params->n_gpu_layers, threads > 0 ? threads : 1);
+        *out = new plz_model{m};
+    });
+}
+
+void plz_model_free(plz_model * model) {
+    if (!model) return;
+    delete model->m;
+    delete model;
+}
+
+int plz_model_get_info(const plz_model * model, plz_model_info * info) {
+    return guarded([&] {
+        require(model && info, "null argument");
+        const plz::Model & m = *model->m;
+        const plz::Hparams & hp = m.hp;
+        std::memset(info, 0, sizeof(*info));
+        std::strncpy(info->arch, hp.arch.c_str(), sizeof(info->arch) - 1);
+        info->n_vocab = hp.n_vocab; info->n_embd = hp.n_embd; info->n_layer = hp.n_layer;
+        info->n_head = hp.n_head; info->n_head_kv = hp.n_head_kv; info->head_dim = hp.head_dim;
+        info->n_ff = hp.n_ff; info->n_ctx_train = hp.n_ctx_train;
+        info->rms_eps = hp.rms_eps; info->rope_base = hp.rope_base; info->rope_freq_scale = hp.rope_freq_scale;
+        info->rope_dim = hp.rope_dim;
+        info->tied_output = m.tied_output;
+        info->on_gpu = m.backend_gpu != nullptr;
+        info->weight_bytes = m.weight_bytes;
+        ggml_backend_t be = m.backend_gpu ? m.backend_gpu : m.backend_cpu;
+        std::strncpy(info->backend, ggml_backend_name(be), sizeof(info->backend) - 1);
+    });
+}
+
+int plz_context_new(plz_model * model, const plz_context_params * params, plz_context ** out) {
+    return guarded([&] {
+        require(model && params && out, "null argument");
+        *out = nullptr;
+        const plz::Hparams & hp = model->m->hp;
+        int n_ctx = params->n_ctx > 0 ? params->n_ctx : hp.n_ctx_train;
+        int n_ubatch = params->n_ubatch > 0 ? params->n_ubatch : 512;
+        require(n_ctx <= (1 << 24), "n_ctx must be <= 16777216");
+        require(n_ubatch <= 65536, "n_ubatch must be <= 65536");
+        int threads = params->n_threads > 0 ? params->n_threads : model->m->n_threads;
+        plz::set_cpu_threads(model->m->backend_cpu, threads);
+        plz::Context * c = plz::new_context(model->m, n_ctx, n_ubatch, threads);
+        *out = new plz_context{c};
+    });
+}
+
+void plz_context_free(plz_context * ctx) {
+    if (!ctx) return;
+    delete ctx->c;
+    delete ctx;
+}
+
+int plz_context_set_threads(plz_context * ctx, int32_t n_threads) {
+    return guarded([&] {
+        require(ctx && n_threads >= 1 && n_threads <= 1024, "n_threads must be in [1, 1024]");
+        ctx->c->n_threads = n_threads;
+        plz::set_cpu_threads(ctx->c->model->backend_cpu, n_threads);
+    });
+}
+
+int plz_eval(plz_context * ctx, const int32_t * tokens, int32_t n, int32_t all_logits, float * logits_out) {
+    return guarded([&] {
+        require(ctx && tokens && logits_out, "null argument");
+        // Contexts of one model share its CPU backend: use this context's thread count.
+        plz::set_cpu_threads(ctx->c->model->backend_cpu, ctx->c->n_threads);
+        plz::eval(ctx->c, tokens, n, all_logits != 0, logits_out);
+    });
+}
+
+int plz_reset(plz_context * ctx) {
+    return guarded([&] {
+        require(ctx, "null argument");
+        plz::reset(ctx->c);
+    });
+}
+
+int plz_n_past(const plz_context * ctx) { return ctx ? ctx->c->n_past : -1; }
+
+}  // extern "C"

@@ -1,0 +1,284 @@
+// GGUF loading: metadata and tensor table through ggml's gguf API, every key and shape the
+// graph uses checked before any byte of tensor data is read.
+#include "model.h"
+#include "pylazy.h"
+
+#include "ggml-alloc.h"
+#include "ggml-cpu.h"
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+
+namespace plz {
+
+static Error load_error(const std::string & msg) { return Error(PLZ_ERR_LOAD, msg); }
+
+Model::~Model() {
+    for (auto * b : buffers) ggml_backend_buffer_free(b);
+    if (ctx_cpu) ggml_free(ctx_cpu);
+    if (ctx_dev && ctx_dev != ctx_cpu) ggml_free(ctx_dev);
+    if (backend_gpu) ggml_backend_free(backend_gpu);
+    if (backend_cpu) ggml_backend_free(backend_cpu);
+}
+
+void set_cpu_threads(ggml_backend_t cpu, int n_threads) {
+    ggml_backend_cpu_set_n_threads(cpu, n_threads);
+}
+
+namespace {
+
+struct GgufReader {
+    gguf_context * g;
+    std::string arch;
+
+    int64_t find(const std::string & key) const { return gguf_find_key(g, key.c_str()); }
+
+    // Any integer type is accepted (files in the wild use u32, i32 and u64 for the same keys).
+    bool get_int(const std::string & key, int64_t & out) const {
+        int64_t id = find(key);
+        if (id < 0) return false;
+        switch (gguf_get_kv_type(g, id)) {
+            case GGUF_TYPE_UINT8:  out = gguf_get_val_u8(g, id);  break;
+            case GGUF_TYPE_INT8:   out = gguf_get_val_i8(g, id);  break;
+            case GGUF_TYPE_UINT16: out = gguf_get_val_u16(g, id); break;
+            case GGUF_TYPE_INT16:  out = gguf_get_val_i16(g, id); break;
+            case GGUF_TYPE_UINT32: out = gguf_get_val_u32(g, id); break;
+            case GGUF_TYPE_INT32:  out = gguf_get_val_i32(g, id); break;
+            case GGUF_TYPE_UINT64: {
+                uint64_t v = gguf_get_val_u64(g, id);
+                if (v > (uint64_t) INT64_MAX) throw load_error("metadata '" + key + "' is out of range");
+                out = (int64_t) v; break;
+            }
+            case GGUF_TYPE_INT64:  out = gguf_get_val_i64(g, id); break;
+            default: throw load_error("metadata '" + key + "' must be an integer");
+        }
+        return true;
+    }
+    int req_int(const std::string & key, int64_t lo, int64_t hi) const {
+        int64_t v;
+        if (!get_int(arch + "." + key, v)) throw load_error("missing metadata '" + arch + "." + key + "'");
+        if (v < lo || v > hi) {
+            throw load_error("metadata '" + arch + "." + key + "' = " + std::to_string(v) +
+                             " is outside [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+        }
+        return (int) v;
+    }
+    bool get_float(const std::string & key, float & out) const {
+        int64_t id = find(key);
+        if (id < 0) return false;
+        switch (gguf_get_kv_type(g, id)) {
+            case GGUF_TYPE_FLOAT32: out = gguf_get_val_f32(g, id); break;
+            case GGUF_TYPE_FLOAT64: out = (float) gguf_get_val_f64(g, id); break;
+            default: throw load_error("metadata '" + key + "' must be a float");
+        }
+        if (!std::isfinite(out)) throw load_error("metadata '" + key + "' is not finite");
+        return true;
+    }
+    std::string get_str(const std::string & key) const {
+        int64_t id = find(key);
+        if (id < 0) return "";
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) throw load_error("metadata '" + key + "' must be a string");
+        return gguf_get_val_str(g, id);
+    }
+};
+
+Hparams read_hparams(const GgufReader & r, const ggml_context * meta) {
+    Hparams hp;
+    hp.arch = r.arch;
+    const int64_t BIG = 1 << 20;
+    hp.n_layer     = r.req_int("block_count", 1, 1024);
+    hp.n_embd      = r.req_int("embedding_length", 1, BIG);
+    hp.n_ff        = r.req_int("feed_forward_length", 1, 16 * BIG);
+    hp.n_head      = r.req_int("attention.head_count", 1, 4096);
+    hp.n_ctx_train = r.req_int("context_length", 1, 1 << 24);
+    int64_t v;
+    hp.n_head_kv = r.get_int(r.arch + ".attention.head_count_kv", v) ? (int) v : hp.n_head;
+    if (hp.n_head_kv < 1 || hp.n_head % hp.n_head_kv != 0) {
+        throw load_error("metadata 'attention.head_count_kv' = " + std::to_string(hp.n_head_kv) +
+                         " must divide attention.head_count = " + std::to_string(hp.n_head));
+    }
+    if (hp.n_embd % hp.n_head != 0) {
+        throw load_error("metadata 'attention.head_count' = " + std::to_string(hp.n_head) +
+                         " must divide embedding_length = " + std::to_string(hp.n_embd));
+    }
+    hp.head_dim = hp.n_embd / hp.n_head;
+    if (r.get_int(r.arch + ".attention.key_length", v) && v != hp.head_dim) {
+        throw load_error("metadata 'attention.key_length' != embedding_length / head_count is not supported");
+    }
+    if (hp.head_dim % 2 != 0) throw load_error("head dimension must be even for RoPE");
+    hp.rope_dim = hp.head_dim;
+    if (r.get_int(r.arch + ".rope.dimension_count", v)) {
+        if (v < 2 || v > hp.head_dim || v % 2) throw load_error("metadata 'rope.dimension_count' is invalid");
+        hp.rope_dim = (int) v;
+    }
+    if (!r.get_float(r.arch + ".attention.layer_norm_rms_epsilon", hp.rms_eps)) {
+        throw load_error("missing metadata '" + r.arch + ".attention.layer_norm_rms_epsilon'");
+    }
+    if (!(hp.rms_eps > 0.0f && hp.rms_eps < 1.0f)) throw load_error("metadata 'layer_norm_rms_epsilon' is invalid");
+    r.get_float(r.arch + ".rope.freq_base", hp.rope_base);
+    if (!(hp.rope_base > 0.0f)) throw load_error("metadata 'rope.freq_base' must be > 0");
+    std::string scaling = r.get_str(r.arch + ".rope.scaling.type");
+    float factor = 1.0f;
+    if (r.get_float(r.arch + ".rope.scaling.factor", factor) && factor != 1.0f && scaling != "none") {
+        if (scaling != "linear" && !scaling.empty()) {
+            throw load_error("rope scaling type '" + scaling + "' is not supported");
+        }
+        if (!(factor > 0.0f)) throw load_error("metadata 'rope.scaling.factor' must be > 0");
+        hp.rope_freq_scale = 1.0f / factor;
+    }
+    const ggml_tensor * emb = ggml_get_tensor(const_cast<ggml_context *>(meta), "token_embd.weight");
+    if (!emb) throw load_error("missing tensor 'token_embd.weight'");
+    hp.n_vocab = (int) emb->ne[1];
+    hp.rope_mode = GGML_ROPE_TYPE_NORMAL;
+    return hp;
+}
+
+struct TensorPlan {
+    ggml_tensor * meta;   // shape/type as in the file
+    ggml_tensor ** dst;   // where the loaded tensor goes
+    bool on_cpu;
+};
+
+}  // namespace
+
+Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
+    FILE * probe = std::fopen(path.c_str(), "rb");
+    if (!probe) throw load_error("cannot open model file '" + path + "'");
+    std::fseek(probe, 0, SEEK_END);
+    const long long file_size = std::ftell(probe);
+    std::fclose(probe);
+
+    ggml_context * meta = nullptr;
+    gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ &meta };
+    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+    if (!g) throw load_error("'" + path + "' is not a valid GGUF file (bad magic, version, metadata or tensor table)");
+    std::unique_ptr<gguf_context, void (*)(gguf_context *)> g_guard(g, gguf_free);
+    std::unique_ptr<ggml_context, void (*)(ggml_context *)> meta_guard(meta, ggml_free);
+
+    GgufReader r{g, ""};
+    r.arch = r.get_str("general.architecture");
+    if (r.arch.empty()) throw load_error("missing metadata 'general.architecture'");
+    if (r.arch != "llama") throw load_error("unsupported architecture '" + r.arch + "' (supported: llama)");
+
+    std::unique_ptr<Model> m(new Model());
+    m->hp = read_hparams(r, meta);
+    const Hparams & hp = m->hp;
+
+    // Every tensor the graph reads, with the shape it must have.
+    std::vector<TensorPlan> plan;
+    auto want = [&](const std::string & name, std::vector<int64_t> shape, ggml_tensor ** dst, bool on_cpu, bool required = true) {
+        ggml_tensor * t = ggml_get_tensor(meta, name.c_str());
+        if (!t) {
+            if (required) throw load_error("missing tensor '" + name + "'");
+            return false;
+        }
+        for (int d = 0; d < GGML_MAX_DIMS; ++d) {
+            int64_t expect = d < (int) shape.size() ? shape[d] : 1;
+            if (t->ne[d] != expect) {
+                throw load_error("tensor '" + name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
+                                 std::to_string(t->ne[1]) + "], expected [" + std::to_string(shape[0]) + ", " +
+                                 std::to_string(shape.size() > 1 ? shape[1] : 1) + "]");
+            }
+        }
+        if (t->type >= GGML_TYPE_COUNT || ggml_type_size(t->type) == 0 || ggml_blck_size(t->type) <= 0) {
+            throw load_error("tensor '" + name + "' has an unsupported type");
+        }
+        const size_t off = gguf_get_data_offset(g) + gguf_get_tensor_offset(g, gguf_find_tensor(g, name.c_str()));
+        if ((long long) (off + ggml_nbytes(t)) > file_size) {
+            throw load_error("tensor '" + name + "' data lies beyond the end of the file (truncated file?)");
+        }
+        plan.push_back({t, dst, on_cpu});
+        return true;
+    };
+    const int E = hp.n_embd, D = hp.head_dim;
+    want("token_embd.weight", {E, hp.n_vocab}, &m->tok_embd, true);
+    want("output_norm.weight", {E}, &m->output_norm, false);
+    m->tied_output = !want("output.weight", {E, hp.n_vocab}, &m->output, false, false);
+    m->layers.resize(hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        LayerWeights & L = m->layers[il];
+        std::string p = "blk." + std::to_string(il) + ".";
+        want(p + "attn_norm.weight", {E}, &L.attn_norm, false);
+        want(p + "attn_q.weight", {E, D * hp.n_head}, &L.wq, false);
+        want(p + "attn_k.weight", {E, D * hp.n_head_kv}, &L.wk, false);
+        want(p + "attn_v.weight", {E, D * hp.n_head_kv}, &L.wv, false);
+        want(p + "attn_output.weight", {D * hp.n_head, E}, &L.wo, false);
+        want(p + "ffn_norm.weight", {E}, &L.ffn_norm, false);
+        want(p + "ffn_gate.weight", {E, hp.n_ff}, &L.ffn_gate, false);
+        want(p + "ffn_up.weight", {E, hp.n_ff}, &L.ffn_up, false);
+        want(p + "ffn_down.weight", {hp.n_ff, E}, &L.ffn_down, false);
+    }
+    for (const auto & tp : plan) {
+        if (ggml_n_dims(tp.meta) == 1 && tp.meta->type != GGML_TYPE_F32) {
+            throw load_error(std::string("norm tensor '") + tp.meta->name + "' must be F32");
+        }
+    }
+
+    // Backends: the best GPU when asked for and present, the CPU always (inputs, embeddings).
+    m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    if (!m->backend_cpu) throw Error(PLZ_ERR_RUNTIME, "cannot initialise the CPU backend");
+    m->n_threads = n_threads;
+    set_cpu_threads(m->backend_cpu, n_threads);
+    if (n_gpu_layers != 0) {
+        if (ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)) {
+            m->backend_gpu = ggml_backend_dev_init(dev, nullptr);
+        }
+    }
+
+    const size_t n_tensors = plan.size() + 1;
+    ggml_init_params ip = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc*/ true };
+    m->ctx_cpu = ggml_init(ip);
+    m->ctx_dev = m->backend_gpu ? ggml_init(ip) : m->ctx_cpu;
+    for (const auto & tp : plan) {
+        ggml_context * c = tp.on_cpu ? m->ctx_cpu : m->ctx_dev;
+        *tp.dst = ggml_dup_tensor(c, tp.meta);
+        ggml_set_name(*tp.dst, tp.meta->name);
+    }
+    // Tied output head: the matmul should run where the layers run, so the GPU gets its own copy.
+    ggml_tensor * out_copy_src = nullptr;
+    if (m->tied_output) {
+        if (m->backend_gpu) {
+            m->output = ggml_dup_tensor(m->ctx_dev, plan[0].meta);
+            ggml_set_name(m->output, "output.weight(tied)");
+            out_copy_src = plan[0].meta;
+        } else {
+            m->output = m->tok_embd;
+        }
+    }
+    auto alloc = [&](ggml_context * c, ggml_backend_t be) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_get_default_buffer_type(be));
+        if (!buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating model weights");
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        m->buffers.push_back(buf);
+        m->weight_bytes += ggml_backend_buffer_get_size(buf);
+    };
+    alloc(m->ctx_cpu, m->backend_cpu);
+    if (m->backend_gpu) alloc(m->ctx_dev, m->backend_gpu);
+
+    // Tensor data: one read per tensor straight into host buffers, through a staging vector for the GPU.
+    FILE * f = std::fopen(path.c_str(), "rb");
+    if (!f) throw load_error("cannot open model file '" + path + "'");
+    std::unique_ptr<FILE, int (*)(FILE *)> f_guard(f, std::fclose);
+    std::vector<uint8_t> staging;
+    auto read_into = [&](ggml_tensor * meta_t, ggml_tensor * dst) {
+        const size_t off = gguf_get_data_offset(g) + gguf_get_tensor_offset(g, gguf_find_tensor(g, meta_t->name));
+        const size_t n = ggml_nbytes(meta_t);
+        if (std::fseek(f, (long) off, SEEK_SET) != 0) throw load_error(std::string("cannot seek to tensor '") + meta_t->name + "'");
+        void * target;
+        if (ggml_backend_buffer_is_host(dst->buffer)) {
+            target = dst->data;
+        } else {
+            staging.resize(n);
+            target = staging.data();
+        }
+        if (std::fread(target, 1, n, f) != n) throw load_error(std::string("truncated data of tensor '") + meta_t->name + "'");
+        if (!ggml_backend_buffer_is_host(dst->buffer)) ggml_backend_tensor_set(dst, target, 0, n);
+    };
+    for (const auto & tp : plan) read_into(tp.meta, *tp.dst);
+    if (out_copy_src) read_into(out_copy_src, m->output);
+    return m.release();
+}
+
+}  // namespace plz

@@ -1,0 +1,59 @@
+// Model: read-only hyper-parameters and weights in backend buffers, shared by every context.
+#pragma once
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace plz {
+
+// Errors carry the C API code they map to.
+struct Error : std::runtime_error {
+    int code;
+    Error(int c, const std::string & msg) : std::runtime_error(msg), code(c) {}
+};
+
+struct Hparams {
+    std::string arch;
+    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
+    int n_ctx_train = 0, rope_dim = 0;
+    float rms_eps = 1e-5f, rope_base = 10000.0f, rope_freq_scale = 1.0f;
+    int rope_mode = 0;  // GGML_ROPE_TYPE_NORMAL for llama (adjacent pairs)
+};
+
+struct LayerWeights {
+    ggml_tensor * attn_norm = nullptr;
+    ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
+    ggml_tensor * ffn_norm = nullptr;
+    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+};
+
+struct Model {
+    Hparams hp;
+    std::vector<LayerWeights> layers;
+    ggml_tensor * tok_embd = nullptr;     // always in a CPU buffer: get_rows of quantized rows runs there
+    ggml_tensor * output_norm = nullptr;
+    ggml_tensor * output = nullptr;       // a copy of tok_embd on the compute device when tied
+    bool tied_output = false;
+
+    ggml_backend_t backend_gpu = nullptr; // null: CPU only
+    ggml_backend_t backend_cpu = nullptr;
+    int n_threads = 1;
+
+    ggml_context * ctx_cpu = nullptr;     // tensors placed in host memory
+    ggml_context * ctx_dev = nullptr;     // tensors placed on the compute device (== host when CPU only)
+    std::vector<ggml_backend_buffer_t> buffers;
+    size_t weight_bytes = 0;
+
+    ~Model();
+};
+
+// Loads and validates a GGUF file; throws Error(PLZ_ERR_LOAD, "...") naming what is wrong.
+Model * load_model(const std::string & path, int n_gpu_layers, int n_threads);
+
+void set_cpu_threads(ggml_backend_t cpu, int n_threads);
+
+}  // namespace plz

@@ -1,0 +1,61 @@
+// pylazy C API: the only surface Python sees (through ctypes).
+// Every call returns 0 on success or a negative PLZ_ERR_* code; the message of the last
+// failure on this thread is pylazy_last_error(). Handles are opaque and freed exactly once.
+#pragma once
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define PLZ_OK              0
+#define PLZ_ERR_LOAD       -1   // model file unreadable, malformed or unsupported
+#define PLZ_ERR_ARG        -2   // caller passed a bad value
+#define PLZ_ERR_CONTEXT    -3   // tokens do not fit in the context
+#define PLZ_ERR_RUNTIME    -4   // backend failure (allocation, compute)
+
+typedef struct plz_model   plz_model;
+typedef struct plz_context plz_context;
+
+typedef struct plz_model_params {
+    int32_t n_gpu_layers;   // 0: CPU only; any other value: every layer on the best GPU if one exists
+    int32_t n_threads;      // CPU threads (<= 0: all cores)
+} plz_model_params;
+
+typedef struct plz_model_info {
+    char     arch[32];
+    int32_t  n_vocab, n_embd, n_layer, n_head, n_head_kv, head_dim, n_ff, n_ctx_train;
+    float    rms_eps, rope_base, rope_freq_scale;
+    int32_t  rope_dim;
+    int32_t  tied_output;
+    int32_t  on_gpu;          // weights live in a GPU buffer
+    uint64_t weight_bytes;
+    char     backend[64];     // name of the backend that computes the layers
+} plz_model_info;
+
+typedef struct plz_context_params {
+    int32_t n_ctx;          // KV capacity in tokens (<= 0: the model's training context)
+    int32_t n_ubatch;       // prefill chunk size (<= 0: 512)
+    int32_t n_threads;      // <= 0: the model's setting
+} plz_context_params;
+
+const char * pylazy_last_error(void);
+
+int  plz_model_load(const char * path, const plz_model_params * params, plz_model ** out);
+void plz_model_free(plz_model * model);
+int  plz_model_get_info(const plz_model * model, plz_model_info * info);
+
+int  plz_context_new(plz_model * model, const plz_context_params * params, plz_context ** out);
+void plz_context_free(plz_context * ctx);
+int  plz_context_set_threads(plz_context * ctx, int32_t n_threads);
+
+// Appends n tokens at positions n_past..n_past+n-1 and computes them.
+// logits_out: [n_out, n_vocab] floats where n_out = n if all_logits else 1 (the last token).
+int  plz_eval(plz_context * ctx, const int32_t * tokens, int32_t n, int32_t all_logits, float * logits_out);
+int  plz_reset(plz_context * ctx);
+int  plz_n_past(const plz_context * ctx);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,77 @@
+"""Thin ctypes binding of native/pylazy.h. Nothing here but types, signatures and library loading.
+
+llama_cpp is imported first so that its libggml (in llama_cpp/lib) is the one in the process;
+libpylazy's rpath points at that same folder, so exactly one libggml is ever loaded.
+"""
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp  # noqa: F401  (loads the one libggml/libllama pair the engine links against)
+
+PLZ_OK = 0
+PLZ_ERR_LOAD = -1
+PLZ_ERR_ARG = -2
+PLZ_ERR_CONTEXT = -3
+PLZ_ERR_RUNTIME = -4
+
+
+class ModelParams(ctypes.Structure):
+    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32)]
+
+
+class ModelInfo(ctypes.Structure):
+    _fields_ = [
+        ("arch", ctypes.c_char * 32),
+        ("n_vocab", ctypes.c_int32), ("n_embd", ctypes.c_int32), ("n_layer", ctypes.c_int32),
+        ("n_head", ctypes.c_int32), ("n_head_kv", ctypes.c_int32), ("head_dim", ctypes.c_int32),
+        ("n_ff", ctypes.c_int32), ("n_ctx_train", ctypes.c_int32),
+        ("rms_eps", ctypes.c_float), ("rope_base", ctypes.c_float), ("rope_freq_scale", ctypes.c_float),
+        ("rope_dim", ctypes.c_int32),
+        ("tied_output", ctypes.c_int32),
+        ("on_gpu", ctypes.c_int32),
+        ("weight_bytes", ctypes.c_uint64),
+        ("backend", ctypes.c_char * 64),
+    ]
+
+
+class ContextParams(ctypes.Structure):
+    _fields_ = [("n_ctx", ctypes.c_int32), ("n_ubatch", ctypes.c_int32), ("n_threads", ctypes.c_int32)]
+
+
+def _find_library() -> Path:
+    env = os.environ.get("PYLAZY_LIB")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve().parent
+    candidates += [here / "libpylazy.so", here / "libpylazy.dylib", here.parent / "build" / "libpylazy.so"]
+    for p in candidates:
+        if p.is_file():
+            return p
+    raise ImportError("libpylazy not found (looked in: %s); reinstall pylazy with pip" % ", ".join(map(str, candidates)))
+
+
+lib = ctypes.CDLL(str(_find_library()))
+
+_p = ctypes.c_void_p
+_sigs = {
+    "pylazy_last_error": (ctypes.c_char_p, []),
+    "plz_model_load": (ctypes.c_int, [ctypes.c_char_p, ctypes.POINTER(ModelParams), ctypes.POINTER(_p)]),
+    "plz_model_free": (None, [_p]),
+    "plz_model_get_info": (ctypes.c_int, [_p, ctypes.POINTER(ModelInfo)]),
+    "plz_context_new": (ctypes.c_int, [_p, ctypes.POINTER(ContextParams), ctypes.POINTER(_p)]),
+    "plz_context_free": (None, [_p]),
+    "plz_context_set_threads": (ctypes.c_int, [_p, ctypes.c_int32]),
+    "plz_eval": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int32,
+                                ctypes.POINTER(ctypes.c_float)]),
+    "plz_reset": (ctypes.c_int, [_p]),
+    "plz_n_past": (ctypes.c_int, [_p]),
+}
+for _name, (_res, _args) in _sigs.items():
+    _fn = getattr(lib, _name)
+    _fn.restype = _res
+    _fn.argtypes = _args
+
+
+def last_error() -> str:
+    msg = lib.pylazy_last_error()
+    return msg.decode("utf-8", "replace") if msg else ""

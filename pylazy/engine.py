@@ -1,0 +1,169 @@
+"""Engine objects that own native handles: `Model` (weights) and `Context` (KV cache, graphs).
+
+These are the low-level API; `pylazy.Llama` is the llama-cpp-python-like class on top.
+Every handle is freed exactly once (close() or the context manager; __del__ as a last resort),
+and any call after close() raises a clear error instead of touching freed memory.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import _native as N
+from .errors import ContextOverflowError, ModelLoadError, PylazyError
+
+
+def _raise_for(code: int, what: str) -> None:
+    if code == N.PLZ_OK:
+        return
+    msg = f"{what}: {N.last_error()}"
+    if code == N.PLZ_ERR_LOAD:
+        raise ModelLoadError(msg)
+    if code == N.PLZ_ERR_ARG:
+        raise ValueError(msg)
+    if code == N.PLZ_ERR_CONTEXT:
+        raise ContextOverflowError(msg)
+    raise PylazyError(msg)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx_train: int
+    rms_eps: float
+    rope_base: float
+    rope_freq_scale: float
+    rope_dim: int
+    tied_output: bool
+    on_gpu: bool
+    weight_bytes: int
+    backend: str
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+class Model:
+    """Weights of one GGUF file on the best backend (all layers on the GPU when there is one)."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int = -1, n_threads: Optional[int] = None):
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"model file not found: {path!r}")
+        self.path = path
+        self._h = ctypes.c_void_p()
+        params = N.ModelParams(int(n_gpu_layers), int(n_threads or default_threads()))
+        _raise_for(N.lib.plz_model_load(path.encode(), ctypes.byref(params), ctypes.byref(self._h)),
+                   f"cannot load {path!r}")
+        raw = N.ModelInfo()
+        _raise_for(N.lib.plz_model_get_info(self._h, ctypes.byref(raw)), "model info")
+        self.info = ModelInfo(**{
+            f: (getattr(raw, f).decode() if isinstance(getattr(raw, f), bytes) else getattr(raw, f))
+            for f, _ in N.ModelInfo._fields_
+        })
+        self._contexts: list = []
+
+    @property
+    def handle(self) -> ctypes.c_void_p:
+        if self._h is None or not self._h:
+            raise PylazyError("model is closed")
+        return self._h
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            for c in list(self._contexts):
+                c.close()
+            N.lib.plz_model_free(self._h)
+        self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Context:
+    """A conversation's state: KV cache and position. eval() appends tokens and returns logits."""
+
+    def __init__(self, model: Model, *, n_ctx: int = 0, n_ubatch: int = 512, n_threads: Optional[int] = None):
+        if int(n_ctx) < 0:
+            raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
+        if int(n_ubatch) < 1:
+            raise ValueError(f"n_ubatch must be >= 1, got {n_ubatch}")
+        self.model = model
+        self.n_vocab = model.info.n_vocab
+        self.n_ctx = int(n_ctx) or model.info.n_ctx_train
+        self._h = ctypes.c_void_p()
+        params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0))
+        _raise_for(N.lib.plz_context_new(model.handle, ctypes.byref(params), ctypes.byref(self._h)), "cannot create context")
+        model._contexts.append(self)
+
+    @property
+    def handle(self) -> ctypes.c_void_p:
+        if self._h is None or not self._h:
+            raise PylazyError("context is closed")
+        return self._h
+
+    @property
+    def n_past(self) -> int:
+        return N.lib.plz_n_past(self.handle)
+
+    def eval(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Computes tokens after the current position; returns logits [n or 1, n_vocab] (float32)."""
+        toks = np.ascontiguousarray(np.asarray(tokens, dtype=np.int64))
+        if toks.ndim != 1 or toks.size == 0:
+            raise ValueError("tokens must be a non-empty 1-D sequence of ints")
+        if toks.min() < 0 or toks.max() >= self.n_vocab:
+            raise ValueError(f"token ids must be in [0, {self.n_vocab})")
+        if self.n_past + toks.size > self.n_ctx:
+            raise ContextOverflowError(
+                f"{self.n_past + toks.size} tokens exceed the context window of {self.n_ctx}")
+        toks32 = toks.astype(np.int32)
+        out = np.empty((toks.size if all_logits else 1, self.n_vocab), dtype=np.float32)
+        code = N.lib.plz_eval(self.handle, toks32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), toks32.size,
+                              int(bool(all_logits)), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        _raise_for(code, "eval")
+        return out
+
+    def reset(self) -> None:
+        _raise_for(N.lib.plz_reset(self.handle), "reset")
+
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            N.lib.plz_context_free(self._h)
+            try:
+                self.model._contexts.remove(self)
+            except ValueError:
+                pass
+        self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,16 @@
+"""Exceptions raised by pylazy. Every failure a user can cause ends in one of these."""
+
+
+class PylazyError(RuntimeError):
+    """An engine failure that is not the caller's input (out of memory, backend error)."""
+
+
+class ModelLoadError(ValueError):
+    """The model file is missing, not GGUF, malformed, or uses something pylazy cannot run.
+
+    The message names the field or section that is wrong.
+    """
+
+
+class ContextOverflowError(ValueError):
+    """A prompt (or prompt + generation) does not fit in the context window."""

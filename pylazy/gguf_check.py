@@ -1,0 +1,614 @@
+"""Pure-Python validation of a GGUF model file before any native code opens it.
+
+ggml's gguf loader and libllama trust much of what a file says: a file edited or cut
+short in the wrong place can end the process in a GGML_ASSERT/GGML_ABORT (or an
+uncaught C++ exception through the C API), which Python cannot catch. `check_gguf`
+streams the header with `struct` (tensor data is never read), checks everything the
+native side relies on, and raises `ModelLoadError` naming the field on the first fault.
+
+Native abort paths reachable from file contents (llama.cpp as vendored by
+llama-cpp-python 0.3.36) and the check here that keeps a file away from each:
+  llama-vocab.cpp  GGML_ASSERT(id_to_token.size() == token_to_id.size()) in load():
+                   two tokens equal once read as C strings (cut at a NUL, "" -> "[EMPTY_i]")
+                   -> tokens unique after that mapping, and no NUL in any string
+  llama-vocab.cpp  GGML_ASSERT(special_bos_id/eos_id != NULL) in tokenize() when
+                   add_bos/add_eos is on but the id is missing or out of range
+                   -> explicit special ids in range; add_bos/add_eos need a usable id
+  llama-vocab.cpp  byte_to_token(): token_to_id.at("<0xXX>") throws out of
+                   llama_tokenize (C API, no catch -> std::terminate) when an SPM vocab
+                   lacks byte tokens -> SPM vocab must hold all 256 byte tokens
+  llama-vocab.cpp  GGML_ABORT in token_to_byte/init_tokenizer/tokenize for vocab types
+                   WPM/UGM/RWKV/NONE, find_bpe_rank's no-space asserts for
+                   non-byte-encoded BPE sessions -> tokenizer.ggml.model in {llama, gpt2}
+  llama-vocab.cpp  token_to_piece: GGML_ABORT for a piece >= 2^31 bytes -> string cap
+  llama-model.cpp  load_hparams: GGML_ASSERT(0 < n_layer <= 512), expert-count asserts,
+                   GGML_ASSERT(rope scaling type known), nextn layers <= n_layer
+                   -> block_count range, no experts, rope.scaling.type in the known set
+  models/llama.cpp graph: GGML_ASSERT(n_embd_head == n_embd_head_k == n_rot)
+                   -> key_length/value_length/rope.dimension_count == n_embd / n_head
+  llama-model-loader.cpp load: GGML_ASSERT(ne[dim] >= 1) -> every dim >= 1
+  gguf.cpp         (rejects, no abort) bad magic/version, counts, types, names >= 64
+                   bytes, offsets not packed in order -> the same rules, with messages
+  ggml.c           type_traits of removed types (block size 0) -> known-type table
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from pylazy.errors import ModelLoadError
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_STRING_BYTES = 64 << 20    # far above any real value (chat templates are ~10 KB)
+MAX_TENSOR_NAME = 63           # GGML_MAX_NAME 64 including the NUL
+MAX_DIMS = 4
+MAX_LAYERS = 512               # LLAMA_MAX_LAYERS
+MAX_CONTEXT = 1 << 24
+INT64_MAX = (1 << 63) - 1
+KEEP_ARRAY_ITEMS = 64          # longer arrays are stored in GGUFInfo.metadata as LongArray
+
+# GGUF value types: id -> (name, struct format, size); string and array have no fixed size
+T_STRING, T_ARRAY = 8, 9
+VALUE_TYPES = {
+    0: ("u8", "B", 1), 1: ("i8", "b", 1), 2: ("u16", "H", 2), 3: ("i16", "h", 2),
+    4: ("u32", "I", 4), 5: ("i32", "i", 4), 6: ("f32", "f", 4), 7: ("bool", "B", 1),
+    8: ("str", None, 0), 9: ("arr", None, 0),
+    10: ("u64", "Q", 8), 11: ("i64", "q", 8), 12: ("f64", "d", 8),
+}
+
+# ggml tensor types of this ggml version: id -> (name, block size, bytes per block).
+# Ids 4, 5, 31-33, 36-38 were removed (block size 0 in ggml.c), so they are absent.
+GGML_TYPES = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40),
+    10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    16: ("IQ2_XXS", 256, 66), 17: ("IQ2_XS", 256, 74), 18: ("IQ3_XXS", 256, 98),
+    19: ("IQ1_S", 256, 50), 20: ("IQ4_NL", 32, 18), 21: ("IQ3_S", 256, 110),
+    22: ("IQ2_S", 256, 82), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2),
+    26: ("I32", 1, 4), 27: ("I64", 1, 8), 28: ("F64", 1, 8), 29: ("IQ1_M", 256, 56),
+    30: ("BF16", 1, 2), 34: ("TQ1_0", 256, 54), 35: ("TQ2_0", 256, 66),
+    39: ("MXFP4", 32, 17), 40: ("NVFP4", 64, 36), 41: ("Q1_0", 128, 18), 42: ("Q2_0", 64, 18),
+}
+GGML_F32 = 0
+# Types ggml has but no weight matrix may use: activation-side quant types and integers.
+NOT_WEIGHT_TYPES = {9, 15, 24, 25, 26, 27, 28}
+
+SUPPORTED_TOKENIZERS = ("llama", "gpt2")   # libllama SPM and byte-level BPE
+ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
+SPECIAL_TOKEN_KEYS = (
+    "bos", "eos", "eot", "eom", "unknown", "seperator", "padding", "cls", "mask",
+    "fim_pre", "fim_suf", "fim_mid", "fim_pad", "fim_rep", "fim_sep",
+    "prefix", "suffix", "middle",
+)
+TOKEN_TYPE_BYTE = 6
+
+
+@dataclass(frozen=True)
+class LongArray:
+    """Stand-in in GGUFInfo.metadata for an array longer than KEEP_ARRAY_ITEMS."""
+    elem_type: str
+    length: int
+
+
+class TensorInfo(NamedTuple):
+    ggml_type: int
+    shape: tuple[int, ...]   # ggml order: shape[0] is the contiguous row length
+    offset: int              # from GGUFInfo.data_offset
+    nbytes: int
+
+
+@dataclass
+class GGUFInfo:
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    data_offset: int
+    arch: str
+    hparams: dict[str, Any]
+    version: int = 3
+    types: dict[str, str] = field(default_factory=dict)      # key -> "u32", "arr[str]", ...
+    # (section name, file offset) in file order: magic, version, n_tensors, n_kv,
+    # "kv:<key>", "tensor:<name>", data. Lets the fuzzer cut and poke at exact fields.
+    layout: list[tuple[str, int]] = field(default_factory=list)
+
+
+class _Stream:
+    """Sequential reads from a file handle through a bounded buffer; every read is checked
+    against the bytes left in the file before anything is allocated."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+        self.buf, self.buf_start, self.pos = b"", 0, 0
+
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def _need(self, n: int, what: str) -> int:
+        if n > self.size - self.pos:
+            raise ModelLoadError(
+                f"{what}: file truncated ({n} bytes needed at offset {self.pos}, "
+                f"file ends at {self.size})")
+        off = self.pos - self.buf_start
+        if off + n > len(self.buf):
+            self.f.seek(self.pos)
+            self.buf = self.f.read(max(n, self.CHUNK))
+            self.buf_start, off = self.pos, 0
+            if len(self.buf) < n:
+                raise ModelLoadError(f"{what}: file shrank while reading at offset {self.pos}")
+        self.pos += n
+        return off
+
+    def bytes(self, n: int, what: str) -> bytes:
+        off = self._need(n, what)
+        return self.buf[off:off + n]
+
+    def scalar(self, fmt: str, size: int, what: str):
+        off = self._need(size, what)
+        return struct.unpack_from("<" + fmt, self.buf, off)[0]
+
+    def u32(self, what: str) -> int:
+        return self.scalar("I", 4, what)
+
+    def u64(self, what: str) -> int:
+        return self.scalar("Q", 8, what)
+
+    def i64(self, what: str) -> int:
+        return self.scalar("q", 8, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(f"{what}: string length")
+        if n > MAX_STRING_BYTES or n > self.left():
+            raise ModelLoadError(
+                f"{what}: string length {n} exceeds the {self.left()} bytes left in the file"
+                if n > self.left() else f"{what}: string length {n} over the {MAX_STRING_BYTES} limit")
+        raw = self.bytes(n, what)
+        try:
+            s = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ModelLoadError(f"{what}: string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        if "\x00" in s:
+            # native code reads these as C strings: a NUL silently shortens them
+            raise ModelLoadError(f"{what}: string contains a NUL byte")
+        return s
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings; a fast path for those already in the buffer (a vocab holds
+        ~10^5), falling back to `string` (which also words the errors) for the rest."""
+        out, unpack, size = [], struct.unpack_from, self.size
+        for i in range(count):
+            buf, off = self.buf, self.pos - self.buf_start
+            if off + 8 <= len(buf):
+                n = unpack("<Q", buf, off)[0]
+                end = off + 8 + n
+                if end <= len(buf) and n <= MAX_STRING_BYTES and self.pos + 8 + n <= size:
+                    try:
+                        text = buf[off + 8:end].decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = None
+                    if text is not None and "\x00" not in text:
+                        out.append(text)
+                        self.pos += 8 + n
+                        continue
+            out.append(self.string(f"{what}[{i}]"))
+        return out
+
+
+def _read_kv_value(s: _Stream, key: str, vtype: int):
+    """One KV value; returns (value, type name). Arrays come back as lists."""
+    if vtype == T_STRING:
+        return s.string(key), "str"
+    if vtype == T_ARRAY:
+        etype = s.u32(f"{key}: array element type")
+        if etype not in VALUE_TYPES or etype == T_ARRAY:
+            raise ModelLoadError(f"{key}: invalid array element type {etype}")
+        ename, fmt, size = VALUE_TYPES[etype]
+        count = s.u64(f"{key}: array length")
+        min_bytes = count * (8 if etype == T_STRING else size)
+        if min_bytes > s.left():
+            raise ModelLoadError(
+                f"{key}: array of {count} {ename} needs at least {min_bytes} bytes, "
+                f"only {s.left()} left in the file")
+        if etype == T_STRING:
+            values = s.strings(count, key)
+        else:
+            off = s._need(count * size, key)
+            values = list(struct.unpack_from(f"<{count}{fmt}", s.buf, off))
+            if etype == 7 and any(v > 1 for v in values):
+                raise ModelLoadError(f"{key}: bool array holds a value other than 0/1")
+        return values, f"arr[{ename}]"
+    if vtype not in VALUE_TYPES:
+        raise ModelLoadError(f"{key}: invalid value type {vtype}")
+    name, fmt, size = VALUE_TYPES[vtype]
+    v = s.scalar(fmt, size, key)
+    if vtype == 7:
+        if v > 1:
+            raise ModelLoadError(f"{key}: bool value {v} is not 0/1")
+        v = bool(v)
+    return v, name
+
+
+def _parse_header(s: _Stream, info: GGUFInfo, full_arrays: dict[str, list]) -> tuple[int, int]:
+    info.layout.append(("magic", 0))
+    magic = s.bytes(4, "magic")
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"magic: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+    info.layout.append(("version", s.pos))
+    version = s.u32("version")
+    if version & 0xFFFF == 0 and version:
+        raise ModelLoadError(f"version: {version:#x} looks byte-swapped (big-endian GGUF is not supported)")
+    if version not in SUPPORTED_VERSIONS:
+        raise ModelLoadError(f"version: GGUF version {version} is not supported (only 2 and 3)")
+    info.version = version
+    info.layout.append(("n_tensors", s.pos))
+    n_tensors = s.i64("tensor count")
+    info.layout.append(("n_kv", s.pos))
+    n_kv = s.i64("KV count")
+    # smallest possible entries: KV = key len + 1-byte key + type + 1-byte value;
+    # tensor info = name len + 1-byte name + n_dims + one dim + type + offset
+    if n_kv < 0 or n_kv * 14 > s.left():
+        raise ModelLoadError(f"KV count: {n_kv} key/value pairs cannot fit in the {s.left()} bytes left")
+    if n_tensors < 0 or n_tensors * 33 > s.left():
+        raise ModelLoadError(f"tensor count: {n_tensors} tensors cannot fit in the {s.left()} bytes left")
+
+    for i in range(n_kv):
+        info.layout.append((f"kv#{i}", s.pos))
+        key = s.string(f"KV #{i} key")
+        if not key:
+            raise ModelLoadError(f"KV #{i} key: empty key")
+        if key in info.metadata:
+            raise ModelLoadError(f"{key}: duplicate key")
+        info.layout[-1] = (f"kv:{key}", info.layout[-1][1])
+        vtype = s.u32(f"{key}: value type")
+        value, tname = _read_kv_value(s, key, vtype)
+        info.types[key] = tname
+        if isinstance(value, list) and len(value) > KEEP_ARRAY_ITEMS:
+            full_arrays[key] = value
+            value = value if key == "tokenizer.ggml.tokens" else LongArray(tname[4:-1], len(value))
+        info.metadata[key] = value
+    return n_tensors, n_kv
+
+
+def _parse_tensor_infos(s: _Stream, info: GGUFInfo, n_tensors: int, alignment: int) -> None:
+    for i in range(n_tensors):
+        info.layout.append((f"tensor#{i}", s.pos))
+        name = s.string(f"tensor #{i} name")
+        if not name or len(name.encode()) > MAX_TENSOR_NAME:
+            raise ModelLoadError(f"tensor #{i} name: length {len(name.encode())} not in [1, {MAX_TENSOR_NAME}]")
+        if name in info.tensors:
+            raise ModelLoadError(f"tensor '{name}': duplicate tensor name")
+        info.layout[-1] = (f"tensor:{name}", info.layout[-1][1])
+        n_dims = s.u32(f"tensor '{name}': n_dims")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise ModelLoadError(f"tensor '{name}': n_dims {n_dims} not in [1, {MAX_DIMS}]")
+        shape = tuple(s.i64(f"tensor '{name}': dim {d}") for d in range(n_dims))
+        n_elem = 1
+        for d, ne in enumerate(shape):
+            if ne < 1:
+                raise ModelLoadError(f"tensor '{name}': dim {d} is {ne} (must be >= 1)")
+            n_elem *= ne
+            if n_elem > INT64_MAX:
+                raise ModelLoadError(f"tensor '{name}': element count of shape {shape} overflows int64")
+        gtype = s.u32(f"tensor '{name}': ggml type")
+        if gtype not in GGML_TYPES:
+            raise ModelLoadError(f"tensor '{name}': unknown ggml type {gtype}")
+        tname, blck, tsize = GGML_TYPES[gtype]
+        if shape[0] % blck:
+            raise ModelLoadError(
+                f"tensor '{name}': row length {shape[0]} is not a multiple of the {tname} block size {blck}")
+        nbytes = n_elem // blck * tsize
+        if nbytes > INT64_MAX - alignment:
+            raise ModelLoadError(f"tensor '{name}': byte size of shape {shape} overflows int64")
+        offset = s.u64(f"tensor '{name}': data offset")
+        info.tensors[name] = TensorInfo(gtype, shape, offset, nbytes)
+
+    pad = (-s.pos) % alignment
+    info.data_offset = s.pos + pad
+    info.layout.append(("data", info.data_offset))
+    if n_tensors and info.data_offset > s.size:
+        raise ModelLoadError(
+            f"tensor data: section would start at {info.data_offset}, past the end of the file ({s.size})")
+    # ggml's gguf reader demands tensors packed in file order, each at the running
+    # aligned offset: that also rules out overlaps.
+    expected = 0
+    for name, t in info.tensors.items():
+        if t.offset % alignment:
+            raise ModelLoadError(f"tensor '{name}': data offset {t.offset} not aligned to {alignment}")
+        if t.offset != expected:
+            raise ModelLoadError(
+                f"tensor '{name}': data offset {t.offset}, expected {expected} "
+                "(tensors must be packed in order without overlap)")
+        end = info.data_offset + t.offset + t.nbytes
+        if end > s.size:
+            raise ModelLoadError(
+                f"tensor '{name}': data [{info.data_offset + t.offset}, {end}) runs past the end "
+                f"of the file ({s.size} bytes): file truncated")
+        expected += t.nbytes + (-t.nbytes) % alignment
+
+
+def check_gguf(path, *, supported_archs=("llama",)) -> GGUFInfo:
+    """Validate the GGUF file at `path`; return what it holds, or raise ModelLoadError."""
+    unknown = [a for a in supported_archs if a not in _ARCH_CHECKS]
+    if unknown:
+        raise ValueError(f"check_gguf has no checks for architecture(s) {unknown}")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ModelLoadError(f"file: cannot open {path!r}: {e.strerror}") from None
+    with f:
+        size = f.seek(0, 2)
+        s = _Stream(f, size)
+        info = GGUFInfo(metadata={}, tensors={}, data_offset=0, arch="", hparams={})
+        full_arrays: dict[str, list] = {}
+        n_tensors, _ = _parse_header(s, info, full_arrays)
+        alignment = info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if "general.alignment" in info.types and info.types["general.alignment"] != "u32":
+            raise ModelLoadError("general.alignment: must be u32")
+        if alignment < 1 or alignment & (alignment - 1):
+            raise ModelLoadError(f"general.alignment: {alignment} is not a power of two")
+        _parse_tensor_infos(s, info, n_tensors, alignment)
+
+    arch = info.metadata.get("general.architecture")
+    if info.types.get("general.architecture") != "str":
+        raise ModelLoadError("general.architecture: missing or not a string")
+    if arch not in supported_archs:
+        raise ModelLoadError(f"general.architecture: unsupported architecture '{arch}'")
+    info.arch = arch
+    _ARCH_CHECKS[arch](info, full_arrays)
+    return info
+
+
+# ---------------------------------------------------------------- llama checks
+
+def _get(info: GGUFInfo, key: str, tname: str, default=None, required=True):
+    if key not in info.metadata:
+        if required:
+            raise ModelLoadError(f"{key}: missing")
+        return default
+    if info.types[key] != tname:
+        raise ModelLoadError(f"{key}: type {info.types[key]}, expected {tname}")
+    return info.metadata[key]
+
+
+def _check_hparams(info: GGUFInfo) -> dict[str, Any]:
+    a = info.arch
+    n_layer = _get(info, f"{a}.block_count", "u32")
+    n_embd = _get(info, f"{a}.embedding_length", "u32")
+    n_ff = _get(info, f"{a}.feed_forward_length", "u32")
+    n_head = _get(info, f"{a}.attention.head_count", "u32")
+    n_head_kv = _get(info, f"{a}.attention.head_count_kv", "u32", n_head, required=False)
+    n_ctx = _get(info, f"{a}.context_length", "u32")
+    eps = _get(info, f"{a}.attention.layer_norm_rms_epsilon", "f32")
+    freq_base = _get(info, f"{a}.rope.freq_base", "f32", 10000.0, required=False)
+    if not 1 <= n_layer <= MAX_LAYERS:
+        raise ModelLoadError(f"{a}.block_count: {n_layer} not in [1, {MAX_LAYERS}]")
+    if n_embd < 1 or n_ff < 1:
+        raise ModelLoadError(f"{a}.embedding_length / feed_forward_length: must be >= 1 ({n_embd}, {n_ff})")
+    if n_head < 1 or n_embd % n_head:
+        raise ModelLoadError(f"{a}.attention.head_count: {n_head} does not divide embedding_length {n_embd}")
+    if n_head_kv < 1 or n_head % n_head_kv:
+        raise ModelLoadError(f"{a}.attention.head_count_kv: {n_head_kv} does not divide head_count {n_head}")
+    head_dim = n_embd // n_head
+    if head_dim % 2:
+        raise ModelLoadError(f"{a}.attention.head_count: head dim {head_dim} is odd (RoPE needs pairs)")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ModelLoadError(f"{a}.attention.layer_norm_rms_epsilon: {eps} must be finite and > 0")
+    if not (math.isfinite(freq_base) and freq_base > 0):
+        raise ModelLoadError(f"{a}.rope.freq_base: {freq_base} must be finite and > 0")
+    if not 1 <= n_ctx <= MAX_CONTEXT:
+        raise ModelLoadError(f"{a}.context_length: {n_ctx} not in [1, {MAX_CONTEXT}]")
+    # libllama's llama graph asserts head sizes and rotary dims equal n_embd / n_head
+    for k in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        v = _get(info, f"{a}.{k}", "u32", head_dim, required=False)
+        if v != head_dim:
+            raise ModelLoadError(f"{a}.{k}: {v}, must equal embedding_length / head_count = {head_dim}")
+    scaling = _get(info, f"{a}.rope.scaling.type", "str", "linear", required=False)
+    if scaling not in ROPE_SCALING_TYPES:
+        raise ModelLoadError(f"{a}.rope.scaling.type: unknown '{scaling}'")
+    factor = _get(info, f"{a}.rope.scaling.factor", "f32", 0.0, required=False)
+    if not (math.isfinite(factor) and factor >= 0):
+        raise ModelLoadError(f"{a}.rope.scaling.factor: {factor} must be finite and >= 0")
+    for k in ("expert_count", "expert_used_count", "expert_group_count"):
+        if _get(info, f"{a}.{k}", "u32", 0, required=False):
+            raise ModelLoadError(f"{a}.{k}: mixture-of-experts models are not supported")
+    nextn = _get(info, f"{a}.nextn_predict_layers", "u32", 0, required=False)
+    if nextn > n_layer:
+        raise ModelLoadError(f"{a}.nextn_predict_layers: {nextn} > block_count {n_layer}")
+    return dict(n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                head_dim=head_dim, n_ctx_train=n_ctx, rms_eps=eps, rope_freq_base=freq_base,
+                n_rot=head_dim)
+
+
+def _llama_tensor_shapes(hp: dict[str, Any], n_vocab: int) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """name -> (shape, required) for every tensor libllama's llama graph may use."""
+    e, f, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
+    kv = hd * hp["n_head_kv"]
+    shapes = {
+        "token_embd.weight": ((e, n_vocab), True),
+        "output_norm.weight": ((e,), True),
+        "output.weight": ((e, n_vocab), False),      # absent: tied to token_embd
+        "rope_freqs.weight": ((hd // 2,), False),
+    }
+    for i in range(hp["n_layer"]):
+        p = f"blk.{i}."
+        shapes.update({
+            p + "attn_norm.weight": ((e,), True), p + "attn_q.weight": ((e, e), True),
+            p + "attn_k.weight": ((e, kv), True), p + "attn_v.weight": ((e, kv), True),
+            p + "attn_output.weight": ((e, e), True), p + "ffn_norm.weight": ((e,), True),
+            p + "ffn_gate.weight": ((e, f), True), p + "ffn_down.weight": ((f, e), True),
+            p + "ffn_up.weight": ((e, f), True),
+            p + "attn_q.bias": ((e,), False), p + "attn_k.bias": ((kv,), False),
+            p + "attn_v.bias": ((kv,), False), p + "attn_output.bias": ((e,), False),
+            p + "ffn_gate.bias": ((f,), False), p + "ffn_up.bias": ((f,), False),
+            p + "ffn_down.bias": ((e,), False),
+        })
+    return shapes
+
+
+def _check_llama_tensors(info: GGUFInfo, hp: dict[str, Any]) -> int:
+    emb = info.tensors.get("token_embd.weight")
+    if emb is None:
+        raise ModelLoadError("tensor 'token_embd.weight': missing")
+    if len(emb.shape) != 2:
+        raise ModelLoadError(f"tensor 'token_embd.weight': shape {emb.shape}, expected [n_embd, n_vocab]")
+    n_vocab = emb.shape[1]
+    expected = _llama_tensor_shapes(hp, n_vocab)
+    for name, t in info.tensors.items():
+        if name not in expected:
+            raise ModelLoadError(f"tensor '{name}': not part of a {info.arch} model with "
+                                 f"{hp['n_layer']} layers (fused attn_qkv and experts are unsupported)")
+        shape = expected[name][0]
+        if t.shape != shape:
+            raise ModelLoadError(f"tensor '{name}': shape {list(t.shape)}, expected {list(shape)} from hparams")
+        if len(shape) == 1 and t.ggml_type != GGML_F32:
+            raise ModelLoadError(f"tensor '{name}': type {GGML_TYPES[t.ggml_type][0]}, 1-D tensors must be F32")
+        if t.ggml_type in NOT_WEIGHT_TYPES:
+            raise ModelLoadError(f"tensor '{name}': type {GGML_TYPES[t.ggml_type][0]} cannot hold weights")
+    for name, (_, required) in expected.items():
+        if required and name not in info.tensors:
+            raise ModelLoadError(f"tensor '{name}': missing")
+    return n_vocab
+
+
+def _check_tokenizer(info: GGUFInfo, full: dict[str, list], n_vocab: int) -> None:
+    model = _get(info, "tokenizer.ggml.model", "str")
+    if model not in SUPPORTED_TOKENIZERS:
+        raise ModelLoadError(f"tokenizer.ggml.model: '{model}' not supported (need one of {SUPPORTED_TOKENIZERS})")
+    _get(info, "tokenizer.ggml.pre", "str", required=False)
+    tokens = _get(info, "tokenizer.ggml.tokens", "arr[str]")
+    if len(tokens) != n_vocab:
+        raise ModelLoadError(f"tokenizer.ggml.tokens: {len(tokens)} tokens, token_embd has {n_vocab} rows")
+    if (vs := _get(info, f"{info.arch}.vocab_size", "u32", n_vocab, required=False)) != n_vocab:
+        raise ModelLoadError(f"{info.arch}.vocab_size: {vs}, token_embd has {n_vocab} rows")
+    # libllama maps text -> id and asserts the map is as large as the list; it renames
+    # an empty token to "[EMPTY_<id>]" first, so compare what it compares
+    seen: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        word = tok or f"[EMPTY_{i}]"
+        if word in seen:
+            raise ModelLoadError(f"tokenizer.ggml.tokens: token {i} {word!r} duplicates token {seen[word]}")
+        seen[word] = i
+    if "tokenizer.ggml.scores" in info.metadata:
+        if info.types["tokenizer.ggml.scores"] not in ("arr[f32]", "arr[i32]"):
+            raise ModelLoadError("tokenizer.ggml.scores: must be an array of f32 or i32")
+        if _arr_len(info, "tokenizer.ggml.scores") != n_vocab:
+            raise ModelLoadError(f"tokenizer.ggml.scores: length {_arr_len(info, 'tokenizer.ggml.scores')} != {n_vocab} tokens")
+    if "tokenizer.ggml.token_type" in info.metadata:
+        _get(info, "tokenizer.ggml.token_type", "arr[i32]")
+        ttypes = full.get("tokenizer.ggml.token_type", info.metadata["tokenizer.ggml.token_type"])
+        if len(ttypes) != n_vocab:
+            raise ModelLoadError(f"tokenizer.ggml.token_type: length {len(ttypes)} != {n_vocab} tokens")
+        for i, tt in enumerate(ttypes):
+            if tt == TOKEN_TYPE_BYTE and not _is_byte_token(tokens[i]):
+                raise ModelLoadError(f"tokenizer.ggml.token_type: byte token {i} {tokens[i]!r} is not '<0xXX>'")
+    if model == "gpt2":
+        merges = full.get("tokenizer.ggml.merges", info.metadata.get("tokenizer.ggml.merges"))
+        _get(info, "tokenizer.ggml.merges", "arr[str]")
+        for i, m in enumerate(merges):
+            if m.find(" ", 1) < 0:
+                raise ModelLoadError(f"tokenizer.ggml.merges: merge {i} {m!r} is not 'left right'")
+    else:
+        # SPM falls back to <0xXX> byte tokens for text it cannot match; a missing one
+        # makes libllama throw out of llama_tokenize, which ends the process
+        for b in range(256):
+            if f"<0x{b:02X}>" not in seen and not (b < 0x80 and chr(b) in seen):
+                raise ModelLoadError(f"tokenizer.ggml.tokens: SPM vocab lacks byte token <0x{b:02X}>")
+    _check_special_tokens(info, model, n_vocab)
+
+
+def _arr_len(info: GGUFInfo, key: str) -> int:
+    v = info.metadata[key]
+    return v.length if isinstance(v, LongArray) else len(v)
+
+
+def _is_byte_token(tok: str) -> bool:
+    return len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">") and \
+        all(c in "0123456789abcdefABCDEF" for c in tok[3:5])
+
+
+def _check_special_tokens(info: GGUFInfo, model: str, n_vocab: int) -> None:
+    ids = {}
+    for name in SPECIAL_TOKEN_KEYS:
+        key = f"tokenizer.ggml.{name}_token_id"
+        tid = _get(info, key, "u32", required=False)
+        if tid is not None and tid >= n_vocab:
+            raise ModelLoadError(f"{key}: {tid} out of range for {n_vocab} tokens")
+        ids[name] = tid
+    flags = {}
+    for k in ("add_bos_token", "add_eos_token", "add_sep_token", "add_space_prefix",
+              "remove_extra_whitespaces"):
+        flags[k] = _get(info, f"tokenizer.ggml.{k}", "bool", required=False)
+    # libllama's defaults when a key is absent: SPM bos 1 / eos 2, BPE bos = eos = 11
+    # (dropped when out of range); SPM adds BOS by default and some BPE pre-tokenizers do
+    default_bos, default_eos = (1, 2) if model == "llama" else (11, 11)
+    for which, default, add in (("bos", default_bos, flags["add_bos_token"]),
+                                ("eos", default_eos, flags["add_eos_token"])):
+        tid = ids[which] if ids[which] is not None else (default if default < n_vocab else None)
+        may_add = add if add is not None else which == "bos"
+        if may_add and tid is None:
+            raise ModelLoadError(f"tokenizer.ggml.{which}_token_id: missing, but the tokenizer adds {which.upper()}")
+
+
+def _check_llama(info: GGUFInfo, full_arrays: dict[str, list]) -> None:
+    hp = _check_hparams(info)
+    n_vocab = _check_llama_tensors(info, hp)
+    hp["n_vocab"] = n_vocab
+    hp["tied_output"] = "output.weight" not in info.tensors
+    _check_tokenizer(info, full_arrays, n_vocab)
+    info.hparams = hp
+
+
+_ARCH_CHECKS = {"llama": _check_llama}
+
+
+# ---------------------------------------------------------------- CLI
+
+def _load_and_run(path: str) -> str:
+    """Hand a validated file to native code: today libllama's tokenizer (vocab only).
+    The pylazy engine load goes here too. Returns a one-line summary."""
+    import llama_cpp
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"libllama rejected the file: {e}") from None
+    text = "Hello, world! Ünïcödé 中文 \n\t<|im_start|>x"
+    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+    back = llm.detokenize(ids, special=True)
+    llm.close()
+    return f"libllama tokenized {len(text)} chars to {len(ids)} tokens, {len(back)} bytes back"
+
+
+def run_cli(path: str, load: bool = False) -> tuple[int, str]:
+    """What `python -m pylazy.gguf_check` does, as (exit code, message): 0 ok, 2 rejected."""
+    try:
+        info = check_gguf(path)
+        hp = info.hparams
+        msg = (f"ok: {info.arch}, {hp['n_layer']} layers, n_embd {hp['n_embd']}, heads "
+               f"{hp['n_head']}/{hp['n_head_kv']}, vocab {hp['n_vocab']}, {len(info.tensors)} tensors")
+        if load:
+            msg += "; " + _load_and_run(path)
+        return 0, msg
+    except ModelLoadError as e:
+        return 2, f"{path}: {e}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pylazy.gguf_check",
+                                 description="Validate a GGUF model file (exit 0 ok, 2 rejected).")
+    ap.add_argument("file")
+    ap.add_argument("--load", action="store_true", help="then load it with libllama and tokenize")
+    args = ap.parse_args(argv)
+    code, msg = run_cli(args.file, args.load)
+    print(msg, file=sys.stdout if code == 0 else sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""What the engine should do: where lazy prefill prunes, when decode refreshes attention.
+
+Pure Python; the engine asks these objects and runs what they say.
+
+- ``LazyPrefill``: pruning layers and keep ratios (LazyLLM, arXiv 2407.14057).
+- ``Recycle`` / ``StreamingWindow``: decode attention settings (recycled attention,
+  arXiv 2411.05787; StreamingLLM sinks + window as the baseline).
+- ``StridePolicy`` and its implementations: asked once per decode step, "full" or
+  "recycled", and whether to return the query similarity for this step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import List, Literal, NamedTuple, Optional, Protocol, Tuple, Union, runtime_checkable
+
+LayerSpec = Union[int, float]
+
+# Default schedule: prune after 1/4, 1/2, 3/4 of the depth down to 70 %, 50 %, 30 % of the
+# prompt. A placeholder from the LazyLLM paper's spirit; to be re-chosen by measurement
+# (speed vs. quality on long-context tasks) once the engine runs.
+_DEFAULT_LAYERS: Tuple[float, ...] = (0.25, 0.5, 0.75)
+_DEFAULT_KEEP: Tuple[float, ...] = (0.7, 0.5, 0.3)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LazyPrefill:
+    """Lazy prefill schedule: after layer ``layers[i]`` keep ``keep[i]`` of the prompt.
+
+    layers: layer indices (int, 0-based) or fractions of depth (float in (0, 1)), in
+        increasing order; ints and floats may be mixed.
+    keep: fractions of the *whole prompt* still alive after each pruning layer, in (0, 1],
+        non-increasing, one per layer.
+    Both None: the default schedule (0.25, 0.5, 0.75) of depth keeping (0.7, 0.5, 0.3).
+    ``LazyPrefill(layers=(), keep=())`` prunes nothing.
+    """
+
+    layers: Optional[Tuple[LayerSpec, ...]] = None
+    keep: Optional[Tuple[float, ...]] = None
+
+    def __post_init__(self) -> None:
+        layers, keep = self.layers, self.keep
+        if layers is None and keep is None:
+            layers, keep = _DEFAULT_LAYERS, _DEFAULT_KEEP
+        elif layers is None or keep is None:
+            raise ValueError("LazyPrefill needs both layers and keep, or neither (defaults)")
+        if isinstance(layers, (str, bytes)) or isinstance(keep, (str, bytes)):
+            raise TypeError("layers and keep must be sequences of numbers")
+        try:
+            layers, keep = tuple(layers), tuple(keep)
+        except TypeError:
+            raise TypeError("layers and keep must be sequences of numbers") from None
+        if len(layers) != len(keep):
+            raise ValueError(f"layers and keep must have the same length, got "
+                             f"{len(layers)} and {len(keep)}")
+        for spec in layers:
+            if isinstance(spec, bool) or not isinstance(spec, Real):
+                raise TypeError(f"a layer must be an int index or a float fraction of depth, "
+                                f"got {type(spec).__name__}")
+            if isinstance(spec, Integral):
+                if spec < 0:
+                    raise ValueError(f"layer index must be >= 0, got {spec!r}")
+            elif not 0.0 < spec < 1.0:
+                raise ValueError(f"a float layer is a fraction of depth in (0, 1), got {spec!r}"
+                                 "; pass an int for a layer index")
+        # Same kind compared directly; an int vs. a fraction can only be checked in resolve().
+        for a, b in zip(layers, layers[1:]):
+            if isinstance(a, Integral) == isinstance(b, Integral) and not a < b:
+                raise ValueError(f"layers must be increasing, got {a!r} before {b!r}")
+        for ratio in keep:
+            if isinstance(ratio, bool) or not isinstance(ratio, Real):
+                raise TypeError(f"keep ratios must be numbers, got {type(ratio).__name__}")
+            if not 0.0 < ratio <= 1.0:
+                raise ValueError(f"keep ratios must be in (0, 1], got {ratio!r}")
+        for a, b in zip(keep, keep[1:]):
+            if b > a:
+                raise ValueError(f"keep ratios must be non-increasing (a pruned token does not "
+                                 f"come back in prefill), got {a!r} then {b!r}")
+        object.__setattr__(self, "layers", tuple(int(x) if isinstance(x, Integral) else float(x)
+                                                 for x in layers))
+        object.__setattr__(self, "keep", tuple(float(x) for x in keep))
+
+    def resolve(self, n_layer: int) -> List[Tuple[int, float]]:
+        """[(l, keep)] for a model of n_layer layers: prune after layer l (0-based).
+
+        The pruning layer l's attention (last token's query) picks what enters layer l + 1,
+        so 0 <= l < n_layer - 1. A fraction f maps to l = floor(f * n_layer + 0.5) - 1 (the
+        first round(f * n_layer) layers see every token), clamped into [0, n_layer - 2];
+        an int index out of that range is an error. Dedup rules, in this order:
+        entries landing on the same layer merge into one with the smallest keep (keep is a
+        fraction of the whole prompt, so the later, smaller ratio is what survives);
+        an entry whose keep equals what is already alive (1.0 at first) prunes nothing and
+        is dropped. The result is strictly increasing in l, strictly decreasing in keep.
+        """
+        _check_int("n_layer", n_layer, 1)
+        resolved: List[Tuple[int, float]] = []
+        for spec, ratio in zip(self.layers, self.keep):
+            if isinstance(spec, int):
+                if spec > n_layer - 2:
+                    raise ValueError(f"pruning layer {spec} must be < n_layer - 1 = "
+                                     f"{n_layer - 1} (the model has {n_layer} layers)")
+                layer = spec
+            else:
+                if n_layer < 2:
+                    raise ValueError("a model needs at least 2 layers to prune between them")
+                layer = min(max(math.floor(spec * n_layer + 0.5) - 1, 0), n_layer - 2)
+            if resolved and layer < resolved[-1][0]:
+                raise ValueError(f"layers {self.layers} resolve out of order for "
+                                 f"n_layer={n_layer}")
+            if resolved and layer == resolved[-1][0]:
+                resolved[-1] = (layer, min(ratio, resolved[-1][1]))
+            else:
+                resolved.append((layer, ratio))
+        out: List[Tuple[int, float]] = []
+        alive = 1.0
+        for layer, ratio in resolved:
+            if ratio < alive:
+                out.append((layer, ratio))
+                alive = ratio
+        return out
+
+
+def keep_count(ratio: float, n_tokens: int) -> int:
+    """Tokens kept out of n_tokens at a keep ratio: ceil, at least 1 (the last token)."""
+    return max(1, min(n_tokens, math.ceil(ratio * n_tokens - 1e-9)))
+
+
+@dataclass(frozen=True)
+class Recycle:
+    """Recycled attention in decode: full attention every ``stride`` steps picks, per layer
+    and KV head, the top ``k`` tokens; the steps between attend to those k + new tokens.
+
+    dynamic_threshold: if set, a recycled step also returns the mean over layers of
+    cosine(q_now, q_at_last_full) every ``check_every`` recycled steps, and a value below
+    the threshold makes the next step full (see DynamicStride). In (-1, 1].
+    """
+
+    k: int
+    stride: int = 16
+    dynamic_threshold: Optional[float] = None
+    check_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check_int("k", self.k, 1)
+        _check_int("stride", self.stride, 1)
+        _check_int("check_every", self.check_every, 1)
+        t = self.dynamic_threshold
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, Real):
+                raise TypeError(f"dynamic_threshold must be a float or None, got "
+                                f"{type(t).__name__}")
+            if not -1.0 < t <= 1.0:
+                raise ValueError(f"dynamic_threshold is a cosine similarity in (-1, 1], "
+                                 f"got {t!r}")
+        elif self.check_every != 1:
+            raise ValueError("check_every only applies with a dynamic_threshold")
+
+
+@dataclass(frozen=True)
+class StreamingWindow:
+    """StreamingLLM-style decode: attend to the first ``sinks`` tokens and the last
+    ``window`` tokens only (default 4 + 1020 = 1024 cells)."""
+
+    sinks: int = 4
+    window: int = 1020
+
+    def __post_init__(self) -> None:
+        _check_int("sinks", self.sinks, 0)
+        _check_int("window", self.window, 1)
+
+
+class Step(NamedTuple):
+    """One decode step's orders: which graph to run, and whether it returns similarity."""
+
+    kind: Literal["full", "recycled"]
+    check_similarity: bool = False
+
+
+FULL = Step("full", False)
+
+
+@runtime_checkable
+class StridePolicy(Protocol):
+    """Asked by the engine loop each decode step.
+
+    Per step: ``step = policy.next_step()``; run it; if ``step.check_similarity``, call
+    ``policy.observe(similarity)`` with what the engine returned (``observe(None)`` is
+    allowed and does nothing). ``reset()`` before a new generation.
+    """
+
+    def reset(self) -> None: ...
+
+    def next_step(self) -> Step: ...
+
+    def observe(self, similarity: Optional[float]) -> None: ...
+
+
+class FullAttention:
+    """No recycling: every step is full attention."""
+
+    def reset(self) -> None:
+        pass
+
+    def next_step(self) -> Step:
+        return FULL
+
+    def observe(self, similarity: Optional[float]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "FullAttention()"
+
+
+class FixedStride:
+    """Full at steps 0, S, 2S, ...; recycled in between; never checks similarity."""
+
+    def __init__(self, stride: int):
+        _check_int("stride", stride, 1)
+        self.stride = stride
+        self.reset()
+
+    def reset(self) -> None:
+        self._step = 0
+
+    def next_step(self) -> Step:
+        step, self._step = self._step, self._step + 1
+        return FULL if step % self.stride == 0 else Step("recycled", False)
+
+    def observe(self, similarity: Optional[float]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"FixedStride({self.stride})"
+
+
+class DynamicStride:
+    """Full on the first step; recycled after, refreshed early when the query drifts.
+
+    Every ``check_every``-th recycled step since the last full step asks the engine for the
+    similarity (mean over layers of cosine(q_now, q_at_last_full)). An observed value below
+    ``threshold`` (or NaN) makes the NEXT step full. In any case a full step comes at the
+    latest ``stride`` steps after the previous one, so with no drift this is FixedStride.
+    """
+
+    def __init__(self, stride: int, threshold: float, check_every: int = 1):
+        # same ranges as Recycle's fields; k plays no part here
+        Recycle(k=1, stride=stride, dynamic_threshold=threshold, check_every=check_every)
+        self.stride, self.threshold, self.check_every = stride, float(threshold), check_every
+        self.reset()
+
+    def reset(self) -> None:
+        self._since_full: Optional[int] = None  # None: no step yet
+        self._refresh = False
+
+    def next_step(self) -> Step:
+        if self._since_full is None or self._refresh or self._since_full + 1 >= self.stride:
+            self._since_full, self._refresh = 0, False
+            return FULL
+        self._since_full += 1
+        return Step("recycled", self._since_full % self.check_every == 0)
+
+    def observe(self, similarity: Optional[float]) -> None:
+        if similarity is None:
+            return
+        # NaN compares False with everything; treat it as drift (refresh) rather than trust it.
+        if not similarity >= self.threshold:
+            self._refresh = True
+
+    def __repr__(self) -> str:
+        return (f"DynamicStride({self.stride}, threshold={self.threshold}, "
+                f"check_every={self.check_every})")
+
+
+class SinkWindowStride:
+    """For StreamingWindow: one full step first, then recycled forever.
+
+    The kept set follows a fixed rule (sinks + the most recent window), not attention
+    scores, so there is nothing to refresh and no similarity to check; the first step is
+    full so the engine lays out its cache the same way as for recycling.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._started = False
+
+    def next_step(self) -> Step:
+        if not self._started:
+            self._started = True
+            return FULL
+        return Step("recycled", False)
+
+    def observe(self, similarity: Optional[float]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return "SinkWindowStride()"
+
+
+def make_stride_policy(recycle: Union[None, Recycle, StreamingWindow]) -> StridePolicy:
+    """None -> FullAttention, Recycle -> FixedStride or DynamicStride (with a threshold),
+    StreamingWindow -> SinkWindowStride."""
+    if recycle is None:
+        return FullAttention()
+    if isinstance(recycle, Recycle):
+        if recycle.dynamic_threshold is None:
+            return FixedStride(recycle.stride)
+        return DynamicStride(recycle.stride, recycle.dynamic_threshold, recycle.check_every)
+    if isinstance(recycle, StreamingWindow):
+        return SinkWindowStride()
+    raise TypeError(f"expected None, Recycle or StreamingWindow, got {type(recycle).__name__}")
