@@ -52,6 +52,8 @@ MAX_LAYERS = 512               # LLAMA_MAX_LAYERS
 MAX_CONTEXT = 1 << 24
 INT64_MAX = (1 << 63) - 1
 KEEP_ARRAY_ITEMS = 64          # longer arrays are stored in GGUFInfo.metadata as LongArray
+MAX_STRING_ARRAY = 1 << 24     # vocabularies and merge lists are ~10^5; bounds a list of ""
+MAX_ENTRIES = 1 << 20          # KVs / tensors per file (a 512-layer llama has ~10^4 tensors)
 
 # GGUF value types: id -> (name, struct format, size); string and array have no fixed size
 T_STRING, T_ARRAY = 8, 9
@@ -146,6 +148,13 @@ class _Stream:
         self.pos += n
         return off
 
+    def skip(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise ModelLoadError(
+                f"{what}: file truncated ({n} bytes needed at offset {self.pos}, "
+                f"file ends at {self.size})")
+        self.pos += n   # the next read refills the buffer if this left it
+
     def bytes(self, n: int, what: str) -> bytes:
         off = self._need(n, what)
         return self.buf[off:off + n]
@@ -201,8 +210,21 @@ class _Stream:
         return out
 
 
+class _LazyArray(NamedTuple):
+    """A long numeric array left in the file: decoded only if a check needs its values."""
+    offset: int
+    count: int
+    fmt: str
+    size: int
+
+    def values(self, f) -> list:
+        f.seek(self.offset)
+        return list(struct.unpack(f"<{self.count}{self.fmt}", f.read(self.count * self.size)))
+
+
 def _read_kv_value(s: _Stream, key: str, vtype: int):
-    """One KV value; returns (value, type name). Arrays come back as lists."""
+    """One KV value; returns (value, type name). Arrays come back as lists of strings,
+    short lists of numbers, or a _LazyArray."""
     if vtype == T_STRING:
         return s.string(key), "str"
     if vtype == T_ARRAY:
@@ -217,12 +239,23 @@ def _read_kv_value(s: _Stream, key: str, vtype: int):
                 f"{key}: array of {count} {ename} needs at least {min_bytes} bytes, "
                 f"only {s.left()} left in the file")
         if etype == T_STRING:
-            values = s.strings(count, key)
-        else:
-            off = s._need(count * size, key)
-            values = list(struct.unpack_from(f"<{count}{fmt}", s.buf, off))
-            if etype == 7 and any(v > 1 for v in values):
-                raise ModelLoadError(f"{key}: bool array holds a value other than 0/1")
+            if count > MAX_STRING_ARRAY:
+                raise ModelLoadError(f"{key}: array of {count} strings over the {MAX_STRING_ARRAY} limit")
+            return s.strings(count, key), "arr[str]"
+        if count > KEEP_ARRAY_ITEMS:
+            # skipped, not decoded: a lying count must not become a list of 10^8 ints
+            start = s.pos
+            if etype == 7:
+                for done in range(0, count, s.CHUNK):
+                    if max(s.bytes(min(s.CHUNK, count - done), key)) > 1:
+                        raise ModelLoadError(f"{key}: bool array holds a value other than 0/1")
+            else:
+                s.skip(count * size, key)
+            return _LazyArray(start, count, fmt, size), f"arr[{ename}]"
+        off = s._need(count * size, key)
+        values = list(struct.unpack_from(f"<{count}{fmt}", s.buf, off))
+        if etype == 7 and any(v > 1 for v in values):
+            raise ModelLoadError(f"{key}: bool array holds a value other than 0/1")
         return values, f"arr[{ename}]"
     if vtype not in VALUE_TYPES:
         raise ModelLoadError(f"{key}: invalid value type {vtype}")
@@ -235,7 +268,7 @@ def _read_kv_value(s: _Stream, key: str, vtype: int):
     return v, name
 
 
-def _parse_header(s: _Stream, info: GGUFInfo, full_arrays: dict[str, list]) -> tuple[int, int]:
+def _parse_header(s: _Stream, info: GGUFInfo, full_arrays: dict[str, Any]) -> tuple[int, int]:
     info.layout.append(("magic", 0))
     magic = s.bytes(4, "magic")
     if magic != GGUF_MAGIC:
@@ -253,9 +286,9 @@ def _parse_header(s: _Stream, info: GGUFInfo, full_arrays: dict[str, list]) -> t
     n_kv = s.i64("KV count")
     # smallest possible entries: KV = key len + 1-byte key + type + 1-byte value;
     # tensor info = name len + 1-byte name + n_dims + one dim + type + offset
-    if n_kv < 0 or n_kv * 14 > s.left():
+    if n_kv < 0 or n_kv > MAX_ENTRIES or n_kv * 14 > s.left():
         raise ModelLoadError(f"KV count: {n_kv} key/value pairs cannot fit in the {s.left()} bytes left")
-    if n_tensors < 0 or n_tensors * 33 > s.left():
+    if n_tensors < 0 or n_tensors > MAX_ENTRIES or n_tensors * 33 > s.left():
         raise ModelLoadError(f"tensor count: {n_tensors} tensors cannot fit in the {s.left()} bytes left")
 
     for i in range(n_kv):
@@ -269,9 +302,10 @@ def _parse_header(s: _Stream, info: GGUFInfo, full_arrays: dict[str, list]) -> t
         vtype = s.u32(f"{key}: value type")
         value, tname = _read_kv_value(s, key, vtype)
         info.types[key] = tname
-        if isinstance(value, list) and len(value) > KEEP_ARRAY_ITEMS:
+        if isinstance(value, _LazyArray) or (isinstance(value, list) and len(value) > KEEP_ARRAY_ITEMS):
             full_arrays[key] = value
-            value = value if key == "tokenizer.ggml.tokens" else LongArray(tname[4:-1], len(value))
+            n = value.count if isinstance(value, _LazyArray) else len(value)
+            value = value if key == "tokenizer.ggml.tokens" else LongArray(tname[4:-1], n)
         info.metadata[key] = value
     return n_tensors, n_kv
 
@@ -346,7 +380,7 @@ def check_gguf(path, *, supported_archs=("llama",)) -> GGUFInfo:
         size = f.seek(0, 2)
         s = _Stream(f, size)
         info = GGUFInfo(metadata={}, tensors={}, data_offset=0, arch="", hparams={})
-        full_arrays: dict[str, list] = {}
+        full_arrays: dict[str, Any] = {}
         n_tensors, _ = _parse_header(s, info, full_arrays)
         alignment = info.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if "general.alignment" in info.types and info.types["general.alignment"] != "u32":
@@ -355,13 +389,18 @@ def check_gguf(path, *, supported_archs=("llama",)) -> GGUFInfo:
             raise ModelLoadError(f"general.alignment: {alignment} is not a power of two")
         _parse_tensor_infos(s, info, n_tensors, alignment)
 
-    arch = info.metadata.get("general.architecture")
-    if info.types.get("general.architecture") != "str":
-        raise ModelLoadError("general.architecture: missing or not a string")
-    if arch not in supported_archs:
-        raise ModelLoadError(f"general.architecture: unsupported architecture '{arch}'")
-    info.arch = arch
-    _ARCH_CHECKS[arch](info, full_arrays)
+        arch = info.metadata.get("general.architecture")
+        if info.types.get("general.architecture") != "str":
+            raise ModelLoadError("general.architecture: missing or not a string")
+        if arch not in supported_archs:
+            raise ModelLoadError(f"general.architecture: unsupported architecture '{arch}'")
+        info.arch = arch
+
+        def array(key):   # full values of an array KV (lazy ones read from the file now)
+            v = full_arrays.get(key, info.metadata.get(key))
+            return v.values(f) if isinstance(v, _LazyArray) else v
+
+        _ARCH_CHECKS[arch](info, array)
     return info
 
 
@@ -477,7 +516,7 @@ def _check_llama_tensors(info: GGUFInfo, hp: dict[str, Any]) -> int:
     return n_vocab
 
 
-def _check_tokenizer(info: GGUFInfo, full: dict[str, list], n_vocab: int) -> None:
+def _check_tokenizer(info: GGUFInfo, array, n_vocab: int) -> None:
     model = _get(info, "tokenizer.ggml.model", "str")
     if model not in SUPPORTED_TOKENIZERS:
         raise ModelLoadError(f"tokenizer.ggml.model: '{model}' not supported (need one of {SUPPORTED_TOKENIZERS})")
@@ -502,15 +541,16 @@ def _check_tokenizer(info: GGUFInfo, full: dict[str, list], n_vocab: int) -> Non
             raise ModelLoadError(f"tokenizer.ggml.scores: length {_arr_len(info, 'tokenizer.ggml.scores')} != {n_vocab} tokens")
     if "tokenizer.ggml.token_type" in info.metadata:
         _get(info, "tokenizer.ggml.token_type", "arr[i32]")
-        ttypes = full.get("tokenizer.ggml.token_type", info.metadata["tokenizer.ggml.token_type"])
-        if len(ttypes) != n_vocab:
-            raise ModelLoadError(f"tokenizer.ggml.token_type: length {len(ttypes)} != {n_vocab} tokens")
+        if _arr_len(info, "tokenizer.ggml.token_type") != n_vocab:
+            raise ModelLoadError(f"tokenizer.ggml.token_type: length "
+                                 f"{_arr_len(info, 'tokenizer.ggml.token_type')} != {n_vocab} tokens")
+        ttypes = array("tokenizer.ggml.token_type")
         for i, tt in enumerate(ttypes):
             if tt == TOKEN_TYPE_BYTE and not _is_byte_token(tokens[i]):
                 raise ModelLoadError(f"tokenizer.ggml.token_type: byte token {i} {tokens[i]!r} is not '<0xXX>'")
     if model == "gpt2":
-        merges = full.get("tokenizer.ggml.merges", info.metadata.get("tokenizer.ggml.merges"))
         _get(info, "tokenizer.ggml.merges", "arr[str]")
+        merges = array("tokenizer.ggml.merges")
         for i, m in enumerate(merges):
             if m.find(" ", 1) < 0:
                 raise ModelLoadError(f"tokenizer.ggml.merges: merge {i} {m!r} is not 'left right'")
@@ -556,12 +596,45 @@ def _check_special_tokens(info: GGUFInfo, model: str, n_vocab: int) -> None:
             raise ModelLoadError(f"tokenizer.ggml.{which}_token_id: missing, but the tokenizer adds {which.upper()}")
 
 
-def _check_llama(info: GGUFInfo, full_arrays: dict[str, list]) -> None:
+def _check_chat_templates(info: GGUFInfo) -> None:
+    """llama-cpp-python compiles every tokenizer.chat_template* string with Jinja2 when
+    it opens a model and raises on a syntax error; check them the same way here."""
+    keys = [k for k in info.metadata if k == "tokenizer.chat_template" or k.startswith("tokenizer.chat_template.")]
+    if not keys:
+        return
+    try:
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:   # no Jinja2, no one to compile the template either
+        return
+
+    class GenerationTag(jinja2.ext.Extension):
+        # HF templates may wrap assistant text in {% generation %}...{% endgeneration %}
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    for key in keys:
+        if info.types[key] != "str":
+            continue   # llama-cpp-python only sees string values
+        try:
+            env.parse(info.metadata[key])
+        except jinja2.TemplateError as e:
+            raise ModelLoadError(f"{key}: invalid Jinja2 template ({e})") from None
+
+
+def _check_llama(info: GGUFInfo, array) -> None:
     hp = _check_hparams(info)
     n_vocab = _check_llama_tensors(info, hp)
     hp["n_vocab"] = n_vocab
     hp["tied_output"] = "output.weight" not in info.tensors
-    _check_tokenizer(info, full_arrays, n_vocab)
+    _check_tokenizer(info, array, n_vocab)
+    _check_chat_templates(info)
     info.hparams = hp
 
 
@@ -572,16 +645,20 @@ _ARCH_CHECKS = {"llama": _check_llama}
 
 def _load_and_run(path: str) -> str:
     """Hand a validated file to native code: today libllama's tokenizer (vocab only).
-    The pylazy engine load goes here too. Returns a one-line summary."""
+    The pylazy engine load goes here too. Returns a one-line summary; any Python-level
+    refusal on the way (libllama's is a ValueError, llama_cpp's own checks vary) becomes
+    a ModelLoadError, so the CLI's exit-code contract holds."""
     import llama_cpp
+    text = "Hello, world! Ünïcödé 中文 \n\t<|im_start|>x"
     try:
         llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    except (ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"libllama rejected the file: {e}") from None
-    text = "Hello, world! Ünïcödé 中文 \n\t<|im_start|>x"
-    ids = llm.tokenize(text.encode(), add_bos=True, special=True)
-    back = llm.detokenize(ids, special=True)
-    llm.close()
+        try:
+            ids = llm.tokenize(text.encode(), add_bos=True, special=True)
+            back = llm.detokenize(ids, special=True)
+        finally:
+            llm.close()
+    except Exception as e:
+        raise ModelLoadError(f"llama_cpp rejected the file: {type(e).__name__}: {e}") from None
     return f"libllama tokenized {len(text)} chars to {len(ids)} tokens, {len(back)} bytes back"
 
 

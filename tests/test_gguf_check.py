@@ -128,6 +128,7 @@ def test_default_model_passes_with_right_hparams():
     assert info.tensors["token_embd.weight"].shape == (576, 49152)
     assert info.tensors["blk.29.attn_k.weight"].shape == (576, 192)
     assert info.metadata["tokenizer.ggml.merges"] == LongArray("str", 48900)
+    assert info.metadata["tokenizer.ggml.token_type"] == LongArray("i32", 49152)
     assert len(info.metadata["tokenizer.ggml.tokens"]) == 49152
     assert info.metadata["general.languages"] == ["en"]
     last = max(info.tensors.values(), key=lambda t: t.offset)
@@ -282,6 +283,17 @@ def test_missing_tensor_and_moe(tmp_path):
     rejected(write_small_gguf(tmp_path / "a.gguf", skip_tensors={"blk.1.ffn_down.weight"}), "'blk.1.ffn_down.weight': missing")
     moe = write_small_gguf(tmp_path / "b.gguf", extra_kv=[("llama.expert_count", 8, gguf.GGUFValueType.UINT32)])
     rejected(moe, "llama.expert_count", "mixture-of-experts")
+
+
+def test_broken_chat_template(tmp_path):
+    # llama-cpp-python compiles it with Jinja2 on open and raises on a syntax error
+    ok = write_small_gguf(tmp_path / "ok.gguf", extra_kv=[
+        ("tokenizer.chat_template", "{% for m in messages %}{% generation %}{{ m }}{% endgeneration %}"
+         "{% if loop.last %}{% break %}{% endif %}{% endfor %}", gguf.GGUFValueType.STRING)])
+    assert check_gguf(ok).metadata["tokenizer.chat_template"].startswith("{% for")
+    bad = write_small_gguf(tmp_path / "bad.gguf", extra_kv=[
+        ("tokenizer.chat_template", "{% for m in messages %}{{ m }", gguf.GGUFValueType.STRING)])
+    rejected(bad, "tokenizer.chat_template", "invalid Jinja2 template")
 
 
 def test_spm_vocab_needs_byte_tokens(tmp_path):

