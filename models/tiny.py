@@ -109,8 +109,10 @@ def make_tiny_model(
         # norm tensors (or a missing norm) changes the output
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    # Q and K get std 0.25 (score std ~ (0.25*sqrt(n_embd))^2 = 4 for n_embd 64): peaky
-    # attention. The rest 0.1/sqrt(n_in / 64), i.e. outputs of std ~0.8 per matrix.
+    # Q and K entries get std 2/sqrt(n_in) (0.25 at n_embd 64): q, k components of std ~2,
+    # so scores q.k/sqrt(head_dim) have std ~4 at any size: peaky attention. The other
+    # matrices 0.8/sqrt(n_in) (0.1 at 64): outputs of std ~0.8, activations stay O(1).
+    # Draw order is fixed, so one seed gives the same float weights for every wtype.
     def w_std(name, n_in):
         if name in ("attn_q", "attn_k"):
             return 2.0 / math.sqrt(n_in)

@@ -44,6 +44,15 @@ def _find_library() -> Path:
     candidates = [Path(env)] if env else []
     here = Path(__file__).resolve().parent
     candidates += [here / "libpylazy.so", here / "libpylazy.dylib", here.parent / "build" / "libpylazy.so"]
+    # Imported from a source checkout (tests put the repo root on sys.path): use the installed build.
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+        try:
+            candidates.append(Path(distribution("pylazy").locate_file("pylazy/libpylazy.so")))
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
     for p in candidates:
         if p.is_file():
             return p
