@@ -7,6 +7,7 @@
 #include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 
 struct plz_model   { plz::Model * m; };
 struct plz_context { plz::Context * c; };
@@ -118,6 +119,26 @@ int plz_reset(plz_context * ctx) {
     return guarded([&] {
         require(ctx, "null argument");
         plz::reset(ctx->c);
+    });
+}
+
+int plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep) {
+    return guarded([&] {
+        require(ctx && n >= 0 && (n == 0 || (layers && keep)), "bad lazy schedule arguments");
+        plz::set_lazy(ctx->c, std::vector<int>(layers, layers + n), std::vector<float>(keep, keep + n));
+    });
+}
+
+int plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes) {
+    return guarded([&] {
+        require(ctx, "null argument");
+        for (const plz::Stage & s : ctx->c->stages) {
+            for (int il = s.il0; il < s.il1; ++il) {
+                if (cells) cells[il] = s.n_cells;
+                if (revived) revived[il] = s.revived;
+                if (kv_bytes) kv_bytes[il] = ggml_nbytes(ctx->c->k[il]) + ggml_nbytes(ctx->c->v[il]);
+            }
+        }
     });
 }
 

@@ -1,17 +1,16 @@
-// Context: per-conversation state on top of a shared Model: the KV store, the graph scheduler,
-// the last logits.
+// Context: per-conversation state on top of a shared Model: the KV store (per stage), the aux cache of
+// lazy prefill, the graph scheduler and the step statistics.
 //
 // KV store layout, chosen so lazy prefill and recycled attention need no new storage format:
-// each layer owns K and V tensors of shape [head_dim * n_head_kv, capacity] (F16), one row per
-// *cell*. A cell holds one token's K/V, written with set_rows at a cell index chosen on the host,
-// with RoPE already applied at the token's true position; `Stage::cell_pos` maps cell -> position
-// and is the only thing the attention mask is built from. So:
-//  - lazy prefill gives each stage (run of layers between pruning layers) its own cell numbering:
-//    a later stage simply has fewer cells (the tokens it computed), its layers' tensors hold only
-//    those rows, and memory shrinks with the keep ratio;
-//  - recycled attention views a layer's K as [head_dim, cells, n_head_kv] and gathers per KV head
-//    the top-K cells with get_rows (indices [K, n_head_kv]) into a small recycled cache.
-// With full attention there is one stage covering every layer and cell i holds position i.
+// the layers are cut into *stages* by the pruning layers (full attention: one stage). All layers of a
+// stage hold the same tokens, so each stage has its own cell numbering: a cell holds one token's K/V at
+// every layer of the stage, written with set_rows at a host-chosen cell index, RoPE already applied at
+// the token's true position. Each layer owns K and V tensors [head_dim * n_head_kv, stage capacity]
+// (F16). `Stage::cell_pos` (cell -> position) is all the attention mask is built from, so:
+//  - a later stage holds only the tokens computed there; its tensors are sized by its keep ratio and
+//    grow (reallocation) only when decode and revival need more cells;
+//  - recycled attention views a layer's K as [head_dim, cells, n_head_kv] and gathers per KV head the
+//    top-K cells with get_rows (indices [K, n_head_kv]) into a small recycled cache.
 #pragma once
 #include "model.h"
 
@@ -21,9 +20,15 @@ namespace plz {
 
 struct Stage {
     int il0 = 0, il1 = 0;               // layers [il0, il1)
+    float keep = 1.0f;                  // fraction of all tokens selected into this stage (stage 0: 1)
     int capacity = 0;                   // cells allocated per layer
     int n_cells = 0;                    // cells in use
     std::vector<int32_t> cell_pos;      // token position held by each used cell
+    std::vector<int32_t> pos_cell;      // position -> cell, -1 when the token was never computed here
+    std::vector<int32_t> selected;      // positions chosen into this stage at the last step (s > 0)
+    int64_t revived = 0;                // tokens computed here from the aux cache after prefill
+    ggml_context * ctx = nullptr;       // holds k/v tensors of this stage's layers
+    ggml_backend_buffer_t buf = nullptr;
 };
 
 struct Context {
@@ -31,22 +36,33 @@ struct Context {
     int n_ctx = 0, n_ubatch = 512, n_threads = 1;
 
     std::vector<Stage> stages;
-    std::vector<ggml_tensor *> k, v;    // per layer: [head_dim * n_head_kv, stage capacity] F16
-    ggml_context * ctx_kv = nullptr;
-    ggml_backend_buffer_t buf_kv = nullptr;
+    std::vector<ggml_tensor *> k, v;    // per layer, pointing into the layer's stage
+    // aux[s], s >= 1: hidden state entering stage s of every token computed in stage s-1, indexed by
+    // position ([n_embd, n_ctx] F32): what a pruned token is revived from.
+    std::vector<ggml_tensor *> aux;
+    ggml_context * ctx_aux = nullptr;
+    ggml_backend_buffer_t buf_aux = nullptr;
 
     ggml_backend_sched_t sched = nullptr;
     std::vector<uint8_t> graph_meta;    // memory for graph-building ggml contexts
     int graph_size = 0;
 
     int n_past = 0;
+    int n_prompt_lazy = 0;              // tokens of the lazy prefill (0: none)
 
     ~Context();
 };
 
 Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads);
 
-// Computes tokens at positions n_past.. and writes logits: all rows or the last one.
+// Pruning schedule: after layer layers[i], keep the fraction keep[i] of all tokens. Empty = full
+// attention. Only on an empty context (n_past == 0).
+void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<float> & keep);
+
+// Computes tokens at positions n_past.. and writes logits: all rows or the last one. With a lazy
+// schedule and n_past == 0 the prompt is prefilled stage by stage with pruning; otherwise tokens run
+// through every stage, attending at each to the tokens selected for this step (reviving those that
+// were pruned). all_logits is only allowed without pruning.
 void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * logits_out);
 void reset(Context * c);
 

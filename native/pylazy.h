@@ -54,6 +54,14 @@ int  plz_context_set_threads(plz_context * ctx, int32_t n_threads);
 // logits_out: [n_out, n_vocab] floats where n_out = n if all_logits else 1 (the last token).
 int  plz_eval(plz_context * ctx, const int32_t * tokens, int32_t n, int32_t all_logits, float * logits_out);
 int  plz_reset(plz_context * ctx);
+
+// Lazy prefill schedule: after layer layers[i] keep the fraction keep[i] of all tokens (n == 0: full
+// attention). Only on an empty context; reallocates the per-stage KV cache and the aux cache.
+int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep);
+
+// Per layer (arrays of n_layer): tokens holding a KV cell (computed there), tokens revived there since
+// the last reset, and KV bytes allocated. Any pointer may be null.
+int  plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes);
 int  plz_n_past(const plz_context * ctx);
 
 #ifdef __cplusplus

@@ -74,6 +74,9 @@ _sigs = {
                                 ctypes.POINTER(ctypes.c_float)]),
     "plz_reset": (ctypes.c_int, [_p]),
     "plz_n_past": (ctypes.c_int, [_p]),
+    "plz_set_lazy": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)]),
+    "plz_layer_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64),
+                                       ctypes.POINTER(ctypes.c_uint64)]),
 }
 for _name, (_res, _args) in _sigs.items():
     _fn = getattr(lib, _name)

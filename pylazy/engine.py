@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -146,6 +146,28 @@ class Context:
 
     def reset(self) -> None:
         _raise_for(N.lib.plz_reset(self.handle), "reset")
+
+    def set_lazy(self, schedule: Sequence[Tuple[int, float]]) -> None:
+        """Pruning schedule [(layer, keep), ...] (see LazyPrefill.resolve); [] = full attention.
+
+        Only on an empty context (n_past == 0); reallocates the per-stage KV cache.
+        """
+        layers = (ctypes.c_int32 * len(schedule))(*[int(l) for l, _ in schedule])
+        keep = (ctypes.c_float * len(schedule))(*[float(k) for _, k in schedule])
+        _raise_for(N.lib.plz_set_lazy(self.handle, len(schedule), layers, keep), "set_lazy")
+        self.lazy_schedule = [(int(l), float(k)) for l, k in schedule]
+
+    def layer_stats(self) -> dict:
+        """Per layer: tokens computed there (KV cells), tokens revived there, KV bytes allocated."""
+        n = self.model.info.n_layer
+        cells = np.zeros(n, dtype=np.int32)
+        revived = np.zeros(n, dtype=np.int64)
+        kv = np.zeros(n, dtype=np.uint64)
+        _raise_for(N.lib.plz_layer_stats(
+            self.handle, cells.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            revived.ctypes.data_as(ctypes.POINTER(ctypes.c_int64)),
+            kv.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64))), "layer_stats")
+        return {"cells": cells.tolist(), "revived": revived.tolist(), "kv_bytes": [int(x) for x in kv]}
 
     def close(self) -> None:
         if getattr(self, "_h", None):

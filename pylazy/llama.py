@@ -30,7 +30,7 @@ import random
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -97,7 +97,6 @@ class _Job:
     model_name: str
     lazy: Lazy
     recycle: RecyclePolicy
-    logprob_rows: List[tuple] = field(default_factory=list)
 
 
 def _check_lazy(lazy: Any) -> Lazy:
@@ -244,6 +243,7 @@ class Llama:
         return piece
 
     def _is_eog(self, token: int) -> bool:
+        """End of generation: EOS, EOT and the like, as llama.cpp's vocab marks them."""
         import llama_cpp
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab._model.vocab, token))
 

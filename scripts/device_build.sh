@@ -66,7 +66,7 @@ find_nvcc() {
 setup_cuda() {
     local nvcc top nvdir lib lt inc drv
     nvcc=$(find_nvcc) || die "nvcc not found (set CUDACXX)"
-    top=$("$nvcc" -v --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')
+    top=$( ("$nvcc" -v --dryrun -c -x cu /dev/null -o /dev/null 2>&1 || true) | sed -n 's/^#\$ TOP=//p')
     top=$(cd "${top:-$(dirname "$nvcc")/..}" && pwd -P)
     export CUDACXX=$nvcc PATH="$top/bin:$PATH"
     cmake_args+=(-DGGML_CUDA=on "-DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH")

@@ -94,6 +94,11 @@ def test_chat_completion_matches_reference(ref, llm):
     assert len(b["choices"][0]["message"]["content"]) > 5
     assert b["usage"] == a["usage"]
     assert shape(b) == shape(a) and b["object"] == "chat.completion"
+    # the next turn reuses the cache: prompt and reply (all but the unevaluated EOS)
+    assert b["choices"][0]["finish_reason"] == "stop"
+    turn = CHAT + [b["choices"][0]["message"], {"role": "user", "content": "And one more?"}]
+    llm.create_chat_completion(turn, temperature=0, max_tokens=2)
+    assert llm.stats["reused_tokens"] == b["usage"]["total_tokens"]
 
 
 def test_chat_stream_matches(ref, llm):
