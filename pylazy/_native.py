@@ -75,6 +75,13 @@ _sigs = {
     "plz_reset": (ctypes.c_int, [_p]),
     "plz_n_past": (ctypes.c_int, [_p]),
     "plz_set_lazy": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)]),
+    "plz_n_stages": (ctypes.c_int, [_p]),
+    "plz_stage_info": (ctypes.c_int, [_p, ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 4),
+    "plz_stage_positions": (ctypes.c_int, [_p, ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 2),
+    "plz_read_kv": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
+                                   ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)]),
+    "plz_read_aux": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32),
+                                    ctypes.POINTER(ctypes.c_float)]),
     "plz_layer_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64),
                                        ctypes.POINTER(ctypes.c_uint64)]),
 }

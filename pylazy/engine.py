@@ -55,6 +55,14 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
+def _i32p(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+
+
+def _f32p(a: np.ndarray):
+    return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+
+
 class Model:
     """Weights of one GGUF file on the best backend (all layers on the GPU when there is one)."""
 
@@ -156,6 +164,35 @@ class Context:
         keep = (ctypes.c_float * len(schedule))(*[float(k) for _, k in schedule])
         _raise_for(N.lib.plz_set_lazy(self.handle, len(schedule), layers, keep), "set_lazy")
         self.lazy_schedule = [(int(l), float(k)) for l, k in schedule]
+
+    def stages(self) -> list:
+        """Per stage: layers [il0, il1), positions holding a cell, positions selected at the last step."""
+        out = []
+        for s in range(N.lib.plz_n_stages(self.handle)):
+            vals = [ctypes.c_int32() for _ in range(4)]
+            _raise_for(N.lib.plz_stage_info(self.handle, s, *[ctypes.byref(x) for x in vals]), "stage_info")
+            il0, il1, n_cells, n_sel = (x.value for x in vals)
+            cells = np.zeros(n_cells, dtype=np.int32)
+            sel = np.zeros(n_sel, dtype=np.int32)
+            _raise_for(N.lib.plz_stage_positions(self.handle, s, _i32p(cells), _i32p(sel)), "stage_positions")
+            out.append({"layers": (il0, il1), "cell_pos": cells, "selected": sel})
+        return out
+
+    def read_kv(self, layer: int, positions: Sequence[int]):
+        """K and V of tokens at `positions` in `layer`, each [n, n_head_kv * head_dim] float32."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        row = self.model.info.head_dim * self.model.info.n_head_kv
+        k = np.zeros((pos.size, row), dtype=np.float32)
+        v = np.zeros((pos.size, row), dtype=np.float32)
+        _raise_for(N.lib.plz_read_kv(self.handle, int(layer), pos.size, _i32p(pos), _f32p(k), _f32p(v)), "read_kv")
+        return k, v
+
+    def read_aux(self, stage: int, positions: Sequence[int]) -> np.ndarray:
+        """Hidden states entering `stage` saved for revival, [n, n_embd] float32."""
+        pos = np.ascontiguousarray(positions, dtype=np.int32)
+        h = np.zeros((pos.size, self.model.info.n_embd), dtype=np.float32)
+        _raise_for(N.lib.plz_read_aux(self.handle, int(stage), pos.size, _i32p(pos), _f32p(h)), "read_aux")
+        return h
 
     def layer_stats(self) -> dict:
         """Per layer: tokens computed there (KV cells), tokens revived there, KV bytes allocated."""

