@@ -120,6 +120,7 @@ class Context:
         self.model = model
         self.n_vocab = model.info.n_vocab
         self.n_ctx = int(n_ctx) or model.info.n_ctx_train
+        self.lazy_schedule: list = []
         self._h = ctypes.c_void_p()
         params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0))
         _raise_for(N.lib.plz_context_new(model.handle, ctypes.byref(params), ctypes.byref(self._h)), "cannot create context")

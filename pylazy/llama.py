@@ -305,11 +305,18 @@ class Llama:
     def _prefill(self, tokens: List[int], lazy: Lazy, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens after the cache; logits [len(tokens) if all_logits else 1, n_vocab].
 
-        Full attention (lazy=None) goes in chunks of n_batch so prefill_progress can report;
-        a lazy prefill must see the whole prompt at once (pruning is scored by the last
-        token), and is for now run as full attention (the engine does not prune yet).
+        On an empty cache the context takes the lazy schedule asked for (None: full attention).
+        A lazy prefill runs the whole prompt at once (pruning is scored by its last token); full
+        attention goes in chunks of n_batch so prefill_progress can report. Tokens after an
+        existing cache run through the schedule the cache was built with.
         """
-        step = len(tokens) if lazy is not None else self.n_batch
+        if self._ctx.n_past == 0:
+            schedule = lazy.resolve(self.n_layer()) if lazy is not None else []
+            if schedule != getattr(self._ctx, "lazy_schedule", []):
+                self._ctx.set_lazy(schedule)
+        pruning = bool(getattr(self._ctx, "lazy_schedule", []))
+        n_prompt_before = self._ctx.n_past
+        step = len(tokens) if pruning else self.n_batch
         rows = []
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
@@ -318,6 +325,9 @@ class Llama:
             self._evaluated.extend(chunk)
             if self.prefill_progress is not None:
                 self.prefill_progress(start + len(chunk), len(tokens))
+        if n_prompt_before == 0:
+            self._prefill_stats = self._ctx.layer_stats()
+            self._prefill_tokens = len(tokens)
         logits = np.concatenate(rows) if all_logits else rows[-1]
         self._last_logits = logits[-1].copy()
         return logits
@@ -335,8 +345,20 @@ class Llama:
         return logits
 
     def _engine_stats(self) -> Dict[str, Any]:
-        """Counters from the engine for the last call (pruned tokens, revivals, ...)."""
-        return {}
+        """Counters from the engine: what the prefill computed per layer, revivals, KV memory."""
+        now = self._ctx.layer_stats()
+        pre = getattr(self, "_prefill_stats", None) or now
+        n_prompt = max(1, getattr(self, "_prefill_tokens", 0) or 1)
+        computed = pre["cells"]
+        return {
+            "lazy_schedule": list(getattr(self._ctx, "lazy_schedule", [])),
+            "tokens_computed_per_layer": computed,
+            "computed_fraction": sum(computed) / (n_prompt * len(computed)),
+            "revived_tokens": int(sum(now["revived"])),
+            "revived_per_layer": now["revived"],
+            "kv_bytes": int(sum(now["kv_bytes"])),
+            "kv_bytes_per_layer": now["kv_bytes"],
+        }
 
     def _sync_prompt(self, prompt_tokens: List[int], lazy: Lazy, all_logits: bool) -> Tuple[np.ndarray, int]:
         """Bring the context to exactly prompt_tokens; (logits rows, tokens reused).
