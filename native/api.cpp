@@ -143,6 +143,51 @@ int plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived,
     });
 }
 
+int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks) {
+    return guarded([&] {
+        require(ctx && mode >= 0 && mode <= 2, "recycle mode must be 0, 1 or 2");
+        plz::set_recycle(ctx->c, mode, k, tail_cap, sinks);
+    });
+}
+
+int plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run) {
+    return guarded([&] {
+        require(ctx && logits && (kind == PLZ_STEP_FULL || kind == PLZ_STEP_RECYCLED), "bad decode arguments");
+        plz::set_cpu_threads(ctx->c->model->backend_cpu, ctx->c->n_threads);
+        plz::StepKind ran = plz::decode(ctx->c, token, kind == PLZ_STEP_RECYCLED ? plz::StepKind::Recycled : plz::StepKind::Full,
+                                        logits, sims);
+        if (kind_run) *kind_run = ran == plz::StepKind::Recycled ? PLZ_STEP_RECYCLED : PLZ_STEP_FULL;
+    });
+}
+
+int plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, int64_t * recycled_steps) {
+    return guarded([&] {
+        require(ctx, "null argument");
+        if (full_steps) *full_steps = ctx->c->rec.full_steps;
+        if (recycled_steps) *recycled_steps = ctx->c->rec.recycled_steps;
+    });
+}
+
+int plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions) {
+    return guarded([&] {
+        require(ctx && positions, "null argument");
+        const plz::Context & c = *ctx->c;
+        const plz::RecycleState & r = c.rec;
+        require(r.mode != 0 && r.valid, "no recycled cache (recycling off or no refresh yet)");
+        require(il >= 0 && il < c.model->hp.n_layer, "layer out of range");
+        size_t s = 0;
+        while (!(il >= c.stages[s].il0 && il < c.stages[s].il1)) ++s;
+        const int n = r.k * c.model->hp.n_head_kv;
+        if (r.stage_all[s]) {
+            std::fill(positions, positions + n, -1);
+            return;
+        }
+        std::vector<int32_t> cells(n);
+        ggml_backend_tensor_get(r.ridx[il], cells.data(), 0, sizeof(int32_t) * n);
+        for (int i = 0; i < n; ++i) positions[i] = c.stages[s].cell_pos[cells[i]];
+    });
+}
+
 int plz_n_stages(const plz_context * ctx) { return ctx ? (int) ctx->c->stages.size() : -1; }
 
 static const plz::Stage & stage_at(const plz_context * ctx, int32_t s) {

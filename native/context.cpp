@@ -24,6 +24,11 @@ constexpr float FORCE_IN = 2.0f, FORCE_OUT = -2.0f;
 
 int pad_to(int x, int m) { return (x + m - 1) / m * m; }
 
+// Inputs a graph does not read (e.g. the stage mask of a recycled step) get no buffer: skip them.
+void set_input(ggml_tensor * t, const void * data, size_t size) {
+    if (t && t->buffer) ggml_backend_tensor_set(t, data, 0, size);
+}
+
 ggml_tensor * new_input(ggml_context * ctx0, ggml_type type, int64_t ne0, int64_t ne1, const char * name) {
     ggml_tensor * t = ne1 > 1 ? ggml_new_tensor_2d(ctx0, type, ne0, ne1) : ggml_new_tensor_1d(ctx0, type, ne0);
     ggml_set_name(t, name);
@@ -37,12 +42,16 @@ struct Inputs {
     ggml_tensor * cells = nullptr;    // I64 [n]   cell each row's K/V is written to
     ggml_tensor * mask = nullptr;     // F16 [n_kv, n]
     ggml_tensor * score_bias = nullptr;  // F32 [n_kv]  only when the batch selects for the next stage
+    StepKind kind = StepKind::Full;
+    bool recycle_stage = false;          // Refresh/Recycled apply to this stage (not one that keeps all)
+    RecycleInputs rec;
+    std::vector<ggml_tensor *> * sims = nullptr;  // per-layer query similarity outputs (Recycled)
 };
 
 // One transformer block on hidden states x [n_embd, n] attending to the first n_kv cells of the
 // layer's stage. With `scores` set, also returns the last row's attention probabilities averaged over
 // heads ([n_kv]) — the lazy-prefill importance of every cell.
-ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, const Context & c, int il,
+ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
                           ggml_tensor * x, const Inputs & in, int n_kv, ggml_tensor ** scores) {
     const Model & m = *c.model;
     const Hparams & hp = m.hp;
@@ -68,19 +77,32 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, const Context &
     ggml_tensor * kc = ggml_view_3d(ctx0, c.k[il], D, n_kv, Hkv, c.k[il]->nb[1], D * esz, 0);
     ggml_tensor * vc = ggml_view_3d(ctx0, c.v[il], D, n_kv, Hkv, c.v[il]->nb[1], D * esz, 0);
 
+    // Last row's query per head, [D, 1, H]; K broadcasts over the query heads of its group.
+    ggml_tensor * q_last = ggml_view_3d(ctx0, q, D, 1, H, q->nb[1], q->nb[1], (size_t) (n - 1) * q->nb[2]);
+    ggml_tensor * mask_last = ggml_view_2d(ctx0, in.mask, n_kv, 1, in.mask->nb[1], (size_t) (n - 1) * in.mask->nb[1]);
+    // The fresh token is the last row (a refresh batch may start with revived rows).
+    ggml_tensor * v3 = ggml_reshape_3d(ctx0, v, D, Hkv, n);
+    ggml_tensor * k_last = ggml_view_3d(ctx0, k, D, Hkv, 1, k->nb[1], k->nb[2], (size_t) (n - 1) * k->nb[2]);
+    ggml_tensor * v_last = ggml_view_3d(ctx0, v3, D, Hkv, 1, v3->nb[1], v3->nb[2], (size_t) (n - 1) * v3->nb[2]);
+    if (in.recycle_stage && in.kind == StepKind::Refresh) {
+        build_refresh(ctx0, gf, c, il, q_last, kc, vc, mask_last, k_last, v_last, in.rec, n_kv, kq_scale);
+    }
+    if (in.sims) in.sims->push_back(build_query_similarity(ctx0, c, il, q_last));
     if (scores) {
-        // Last row's query per head, [D, 1, H]; K broadcasts over the query heads of its group.
-        ggml_tensor * q_last = ggml_view_3d(ctx0, q, D, 1, H, q->nb[1], q->nb[1], (size_t) (n - 1) * q->nb[2]);
         ggml_tensor * kq = ggml_mul_mat(ctx0, kc, q_last);                      // [n_kv, 1, H]
-        ggml_tensor * mask_last = ggml_view_2d(ctx0, in.mask, n_kv, 1, in.mask->nb[1], (size_t) (n - 1) * in.mask->nb[1]);
         kq = ggml_soft_max_ext(ctx0, kq, mask_last, kq_scale, 0.0f);
         kq = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, kq, n_kv, H)));  // [H, n_kv]
         *scores = ggml_add(ctx0, ggml_reshape_1d(ctx0, ggml_mean(ctx0, kq), n_kv), in.score_bias);
     }
 
     q = ggml_permute(ctx0, q, 0, 2, 1, 3);  // [D, n, H]
-    ggml_tensor * attn = ggml_flash_attn_ext(ctx0, q, kc, vc, in.mask, kq_scale, 0.0f, 0.0f);
-    ggml_prec_set_acc(attn, GGML_PREC_F32);
+    ggml_tensor * attn;
+    if (in.recycle_stage && in.kind == StepKind::Recycled) {
+        attn = build_recycled_attention(ctx0, gf, c, il, q, k_last, v_last, in.rec, kq_scale);
+    } else {
+        attn = ggml_flash_attn_ext(ctx0, q, kc, vc, in.mask, kq_scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(attn, GGML_PREC_F32);
+    }
     attn = ggml_reshape_2d(ctx0, attn, D * H, n);
     x = ggml_add(ctx0, x, ggml_mul_mat(ctx0, L.wo, attn));
 
@@ -106,10 +128,13 @@ struct Batch {
     std::vector<int32_t> pos;
     int n_select = 0;                  // > 0: select this many cells for the next stage (last row's view)
     int n_logits = 0;                  // logits of the last n_logits rows (last stage only)
+    StepKind kind = StepKind::Full;    // Refresh/Recycled: one fresh row (decode)
+    bool want_sims = false;
 };
 
 struct BatchResult {
     std::vector<int32_t> selected_cells;
+    std::vector<float> sims;           // per layer of the stage (want_sims)
 };
 
 }  // namespace
@@ -182,6 +207,7 @@ static void clear_stage_state(Context & c, Stage & s) {
 
 Context::~Context() {
     if (sched) ggml_backend_sched_free(sched);
+    rec.free_buffers();
     for (auto & s : stages) free_stage(s);
     if (buf_aux) ggml_backend_buffer_free(buf_aux);
     if (ctx_aux) ggml_free(ctx_aux);
@@ -197,6 +223,7 @@ struct Graph {
     Inputs in;
     ggml_tensor * logits = nullptr;
     ggml_tensor * selected = nullptr;   // I32 [n_select] cells chosen for the next stage
+    std::vector<ggml_tensor *> sims;
 };
 
 Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
@@ -213,6 +240,16 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     g.in.cells = new_input(ctx0, GGML_TYPE_I64, n, 1, "cells");
     g.in.mask  = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
     if (b.n_select > 0) g.in.score_bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "score_bias");
+    g.in.kind = b.kind;
+    g.in.recycle_stage = b.kind != StepKind::Full && !c.rec.stage_all[b.stage];
+    if (g.in.recycle_stage) {
+        const int Hkv = c.model->hp.n_head_kv;
+        g.in.rec.tail_row = new_input(ctx0, GGML_TYPE_I64, 1, 1, "rec_tail_row");
+        if (b.kind == StepKind::Recycled) g.in.rec.mask = new_input(ctx0, GGML_TYPE_F16, c.rec.rows, 1, "rec_mask");
+        if (b.kind == StepKind::Refresh && c.rec.mode == 1) g.in.rec.bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "rec_bias");
+        if (b.kind == StepKind::Refresh && c.rec.mode == 2) g.in.rec.host_idx = new_input(ctx0, GGML_TYPE_I32, c.rec.k, Hkv, "rec_idx");
+    }
+    if (b.want_sims && g.in.recycle_stage && b.kind == StepKind::Recycled) g.in.sims = &g.sims;
 
     ggml_tensor * x = b.stage == 0 ? ggml_get_rows(ctx0, c.model->tok_embd, g.in.rows)
                                    : ggml_get_rows(ctx0, c.aux[b.stage], g.in.rows);
@@ -224,6 +261,10 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     if (!last_stage) {
         // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
         ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, c.aux[b.stage + 1], x, g.in.pos));
+    }
+    for (ggml_tensor * t : g.sims) {
+        ggml_set_output(t);
+        ggml_build_forward_expand(g.gf, t);
     }
     if (scores) {
         g.selected = ggml_top_k(ctx0, scores, b.n_select);
@@ -242,6 +283,40 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
 // Runs a batch: assigns cells, builds the mask from `visible`, computes, returns the selection.
 // attend_all: rows see every cell of the stage at or before their position (prefill and revival);
 // otherwise fresh rows (positions >= first_fresh) see only cells whose position is in `attend`.
+// Host-side inputs of a Refresh or Recycled step (one fresh row: the last of the batch).
+void set_recycle_inputs(Context & c, const Batch & b, const RecycleInputs & in, const std::vector<ggml_fp16_t> & mask,
+                        int n_kv, int own_cell) {
+    RecycleState & r = c.rec;
+    const Stage & st = c.stages[b.stage];
+    const int n = (int) b.rows.size();
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
+    const int64_t tail_row = b.kind == StepKind::Refresh ? r.k : r.k + r.n_tail;
+    set_input(in.tail_row, &tail_row, sizeof(int64_t));
+    if (in.mask) {
+        std::vector<ggml_fp16_t> m(r.rows, ninf);
+        for (int i = 0; i < r.k + r.n_tail + 1; ++i) m[i] = zero;
+        set_input(in.mask, m.data(), sizeof(ggml_fp16_t) * m.size());
+    }
+    // Candidates: what the fresh row sees, except its own cell (it is the first tail row).
+    const ggml_fp16_t * last = mask.data() + (size_t) (n - 1) * n_kv;
+    if (in.bias) {
+        std::vector<float> bias(n_kv, FORCE_OUT);
+        for (int j = 0; j < n_kv; ++j) if (last[j] == zero && j != own_cell) bias[j] = 0.0f;
+        set_input(in.bias, bias.data(), sizeof(float) * bias.size());
+    }
+    if (in.host_idx) {
+        std::vector<std::pair<int32_t, int32_t>> cand;  // (position, cell)
+        for (int j = 0; j < st.n_cells; ++j) if (last[j] == zero && j != own_cell) cand.push_back({st.cell_pos[j], j});
+        std::sort(cand.begin(), cand.end());
+        std::vector<int32_t> keep;
+        for (int i = 0; i < r.sinks; ++i) keep.push_back(cand[i].second);
+        for (size_t i = cand.size() - (r.k - r.sinks); i < cand.size(); ++i) keep.push_back(cand[i].second);
+        std::vector<int32_t> idx;
+        for (int h = 0; h < c.model->hp.n_head_kv; ++h) idx.insert(idx.end(), keep.begin(), keep.end());
+        set_input(in.host_idx, idx.data(), sizeof(int32_t) * idx.size());
+    }
+}
+
 template <typename Visible>
 BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
     Stage & st = c.stages[b.stage];
@@ -273,18 +348,24 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
         bias[cells[n - 1]] = FORCE_IN;
     }
 
+    BatchResult r;
     ggml_backend_sched_reset(c.sched);
     Graph g = build_stage_graph(c, b, n_kv);
     if (!ggml_backend_sched_alloc_graph(c.sched, g.gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
     std::vector<int64_t> cells64(cells.begin(), cells.end());
-    ggml_backend_tensor_set(g.in.rows, b.rows.data(), 0, sizeof(int32_t) * n);
-    ggml_backend_tensor_set(g.in.pos, b.pos.data(), 0, sizeof(int32_t) * n);
-    ggml_backend_tensor_set(g.in.cells, cells64.data(), 0, sizeof(int64_t) * n);
-    ggml_backend_tensor_set(g.in.mask, mask.data(), 0, sizeof(ggml_fp16_t) * mask.size());
-    if (g.in.score_bias) ggml_backend_tensor_set(g.in.score_bias, bias.data(), 0, sizeof(float) * bias.size());
+    set_input(g.in.rows, b.rows.data(), sizeof(int32_t) * n);
+    set_input(g.in.pos, b.pos.data(), sizeof(int32_t) * n);
+    set_input(g.in.cells, cells64.data(), sizeof(int64_t) * n);
+    set_input(g.in.mask, mask.data(), sizeof(ggml_fp16_t) * mask.size());
+    set_input(g.in.score_bias, bias.data(), sizeof(float) * bias.size());
+    if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
     check_status(ggml_backend_sched_graph_compute(c.sched, g.gf), "graph compute");
+    for (ggml_tensor * t : g.sims) {
+        float v = 0.0f;
+        ggml_backend_tensor_get(t, &v, 0, sizeof(float));
+        r.sims.push_back(v);
+    }
 
-    BatchResult r;
     if (g.selected) {
         r.selected_cells.resize(b.n_select);
         ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * b.n_select);
@@ -338,20 +419,27 @@ void prefill_lazy(Context & c, const int32_t * tokens, int n, float * logits_out
 // Tokens after the prompt: each chunk of fresh tokens runs through every stage. In stage s > 0 the
 // tokens selected at the previous boundary that were never computed there are revived first (from
 // aux[s], attending causally to the stage's cells); fresh rows then attend only to the selected set
-// and to each other. The last fresh row selects the next stage's set.
-void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out) {
+// and to each other. The last fresh row selects the next stage's set. A Recycled step selects and
+// revives nothing: where a stage keeps everything it attends as at the last refresh (selected set +
+// tokens since), elsewhere to the recycled cache.
+void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out,
+          StepKind kind = StepKind::Full, float * sims = nullptr) {
     const int S = (int) c.stages.size();
     const int p0 = c.n_past;
     const int n_total = p0 + n;
+    const bool recycled = kind == StepKind::Recycled;
+    const int fresh_from = recycled ? c.rec.refresh_pos : p0;   // cells at or after it are seen by fresh rows
     std::vector<char> in_attend;  // by position: attended by fresh rows of the current stage
     for (int s = 0; s < S; ++s) {
         Stage & st = c.stages[s];
         Batch b;
         b.stage = s;
+        b.kind = kind;
+        b.want_sims = sims != nullptr;
         int n_revive = 0;
         if (s > 0) {
             for (int32_t p : st.selected) {
-                if (p < p0 && st.pos_cell[p] < 0) {
+                if (!recycled && p < p0 && st.pos_cell[p] < 0) {
                     b.pos.push_back(p);
                     ++n_revive;
                 }
@@ -361,20 +449,25 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
         }
         for (int i = 0; i < n; ++i) b.pos.push_back(p0 + i);
         b.rows = s == 0 ? std::vector<int32_t>(tokens, tokens + n) : b.pos;
+        // What the last fresh row sees besides the fresh rows: earlier cells (stage 0) or the selected set.
+        const int n_seen = s == 0 ? st.n_cells : (int) st.selected.size();
+        if (kind == StepKind::Refresh) c.rec.stage_all[s] = n_seen <= c.rec.k;
         if (s + 1 < S) {
-            // What the last fresh row sees: earlier cells (stage 0) or the selected set, plus the fresh rows.
-            const int n_visible = (s == 0 ? st.n_cells : (int) st.selected.size()) + n;
-            b.n_select = std::min(keep_count(c.stages[s + 1].keep, n_total), n_visible);
+            if (!recycled) b.n_select = std::min(keep_count(c.stages[s + 1].keep, n_total), n_seen + n);
         } else {
             b.n_logits = all_logits ? n : 1;
         }
         auto visible = [&](int row, int cell_pos) {
             if (s == 0 || row < n_revive) return true;   // causal over the whole stage
-            return cell_pos >= p0 || in_attend[cell_pos] != 0;
+            return cell_pos >= fresh_from || in_attend[cell_pos] != 0;
         };
         BatchResult r = run_batch(c, b, visible, logits_out);
         st.revived += n_revive;
-        if (s + 1 < S) {
+        if (sims) {
+            for (int il = st.il0; il < st.il1; ++il) sims[il] = NAN;  // stage that attends fully: no check
+            for (size_t i = 0; i < r.sims.size(); ++i) sims[st.il0 + i] = r.sims[i];
+        }
+        if (s + 1 < S && !recycled) {
             std::vector<int32_t> sel = cells_to_sorted_positions(st, r.selected_cells);
             // Fresh tokens always go on; the selection decides among the older ones.
             sel.erase(std::remove_if(sel.begin(), sel.end(), [&](int32_t p) { return p >= p0; }), sel.end());
@@ -429,8 +522,9 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     c->n_ubatch = n_ubatch;
     c->n_threads = n_threads;
     configure_stages(*c, {}, {});
+    c->rec.stage_all.assign(c->stages.size(), 0);
 
-    c->graph_size = std::max(2048, hp.n_layer * 64);
+    c->graph_size = std::max(4096, hp.n_layer * 256);  // a refresh step adds ~100 nodes per layer
     c->graph_meta.resize(ggml_tensor_overhead() * c->graph_size + ggml_graph_overhead_custom(c->graph_size, false));
     std::vector<ggml_backend_t> backends;
     if (model->backend_gpu) backends.push_back(model->backend_gpu);
@@ -452,12 +546,51 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
         if (i > 0 && keep[i] > keep[i - 1]) throw Error(PLZ_ERR_ARG, "keep ratios must not increase");
     }
     configure_stages(*c, layers, keep);
+    c->rec.stage_all.assign(c->stages.size(), 0);
 }
 
 void reset(Context * c) {
     c->n_past = 0;
     c->n_prompt_lazy = 0;
     for (auto & s : c->stages) clear_stage_state(*c, s);
+    c->rec.valid = false;
+    c->rec.n_tail = 0;
+    c->rec.stage_all.assign(c->stages.size(), 0);
+    c->rec.full_steps = c->rec.recycled_steps = 0;
+}
+
+void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks) {
+    configure_recycle(*c, mode, k, tail_cap, sinks);
+    c->rec.stage_all.assign(c->stages.size(), 0);
+}
+
+StepKind decode(Context * c, int32_t token, StepKind kind, float * logits_out, float * sims) {
+    RecycleState & r = c->rec;
+    if (r.mode == 0) kind = StepKind::Full;
+    else if (kind == StepKind::Full) kind = StepKind::Refresh;   // with a recycled cache, a full step refills it
+    if (kind == StepKind::Recycled && (!r.valid || r.n_tail >= r.tail_cap)) kind = StepKind::Refresh;
+    if (kind != StepKind::Recycled) sims = nullptr;
+    if (c->n_past + 1 > c->n_ctx) throw Error(PLZ_ERR_CONTEXT, "the context window of " + std::to_string(c->n_ctx) + " is full");
+    if (token < 0 || token >= c->model->hp.n_vocab) throw Error(PLZ_ERR_ARG, "token id outside the vocabulary");
+    try {
+        step(*c, &token, 1, false, logits_out, kind, sims);
+    } catch (...) {
+        reset(c);
+        throw;
+    }
+    if (kind == StepKind::Refresh) {
+        r.valid = true;
+        r.n_tail = 1;
+        r.refresh_pos = c->n_past;
+        ++r.full_steps;
+    } else if (kind == StepKind::Recycled) {
+        ++r.n_tail;
+        ++r.recycled_steps;
+    } else {
+        ++r.full_steps;
+    }
+    c->n_past += 1;
+    return kind;
 }
 
 void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * logits_out) {
@@ -473,6 +606,7 @@ void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * l
                                      " is outside the vocabulary [0, " + std::to_string(hp.n_vocab) + ")");
         }
     }
+    c->rec.valid = false;   // tokens evaluated here are not in the recycled cache's tail: refresh next
     const bool lazy = c->stages.size() > 1;
     if (lazy && all_logits) throw Error(PLZ_ERR_ARG, "all_logits is not available with lazy prefill (pruned tokens have no logits)");
     try {

@@ -13,6 +13,7 @@
 //    top-K cells with get_rows (indices [K, n_head_kv]) into a small recycled cache.
 #pragma once
 #include "model.h"
+#include "recycle.h"
 
 #include <vector>
 
@@ -47,6 +48,8 @@ struct Context {
     std::vector<uint8_t> graph_meta;    // memory for graph-building ggml contexts
     int graph_size = 0;
 
+    RecycleState rec;
+
     int n_past = 0;
     int n_prompt_lazy = 0;              // tokens of the lazy prefill (0: none)
 
@@ -65,5 +68,16 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
 // were pruned). all_logits is only allowed without pruning.
 void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * logits_out);
 void reset(Context * c);
+
+// Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window; k kept tokens per KV
+// head, tail_cap tokens decoded between refreshes (the stride).
+void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks);
+
+// One decoded token under the stride policy's choice. Full: plain attention. Refresh: full attention
+// that also refills the recycled cache. Recycled: attention over the recycled cache only (a Refresh is
+// run instead when there is no valid recycled cache or its tail is full). With sims (n_layer floats),
+// a recycled step returns per layer the cosine similarity of its query with the last refresh's.
+// Returns the kind actually run.
+StepKind decode(Context * c, int32_t token, StepKind kind, float * logits_out, float * sims);
 
 }  // namespace plz

@@ -64,6 +64,22 @@ int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const fl
 int  plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes);
 int  plz_n_past(const plz_context * ctx);
 
+// Recycled attention. mode: 0 off, 1 top-k by attention (Recycle), 2 sinks + recent window
+// (StreamingWindow: k = sinks + window). tail_cap: tokens decoded between refreshes (the stride).
+int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks);
+
+#define PLZ_STEP_FULL      0
+#define PLZ_STEP_RECYCLED  1
+// Decodes one token as the stride policy says (FULL refreshes the recycled cache when recycling is on;
+// RECYCLED falls back to FULL when there is no valid cache or its tail is full). logits: n_vocab floats.
+// sims (n_layer floats, may be null): per layer cosine(query, query of the last refresh) on recycled
+// steps, NaN where not computed. kind_run: what ran (may be null).
+int  plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run);
+int  plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, int64_t * recycled_steps);
+// Positions chosen per KV head at layer il by the last refresh: [n_head_kv, k]; -1 where the stage
+// kept every token (no gather).
+int  plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions);
+
 // Introspection (tests, stats). Stage s: layers [il0, il1), cells in use, positions selected into it at
 // the last step (stage 0: none). cell_pos gets n_cells entries, selected n_selected.
 int  plz_n_stages(const plz_context * ctx);

@@ -15,6 +15,9 @@ PLZ_ERR_ARG = -2
 PLZ_ERR_CONTEXT = -3
 PLZ_ERR_RUNTIME = -4
 
+PLZ_STEP_FULL = 0
+PLZ_STEP_RECYCLED = 1
+
 
 class ModelParams(ctypes.Structure):
     _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32)]
@@ -75,6 +78,11 @@ _sigs = {
     "plz_reset": (ctypes.c_int, [_p]),
     "plz_n_past": (ctypes.c_int, [_p]),
     "plz_set_lazy": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)]),
+    "plz_set_recycle": (ctypes.c_int, [_p] + [ctypes.c_int32] * 4),
+    "plz_decode": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
+                                  ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)]),
+    "plz_recycle_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]),
+    "plz_recycle_positions": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)]),
     "plz_n_stages": (ctypes.c_int, [_p]),
     "plz_stage_info": (ctypes.c_int, [_p, ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 4),
     "plz_stage_positions": (ctypes.c_int, [_p, ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 2),

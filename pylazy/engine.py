@@ -121,6 +121,8 @@ class Context:
         self.n_vocab = model.info.n_vocab
         self.n_ctx = int(n_ctx) or model.info.n_ctx_train
         self.lazy_schedule: list = []
+        self.recycle_mode = 0
+        self._recycle_k = 0
         self._h = ctypes.c_void_p()
         params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0))
         _raise_for(N.lib.plz_context_new(model.handle, ctypes.byref(params), ctypes.byref(self._h)), "cannot create context")
@@ -165,6 +167,36 @@ class Context:
         keep = (ctypes.c_float * len(schedule))(*[float(k) for _, k in schedule])
         _raise_for(N.lib.plz_set_lazy(self.handle, len(schedule), layers, keep), "set_lazy")
         self.lazy_schedule = [(int(l), float(k)) for l, k in schedule]
+
+    def set_recycle(self, mode: int = 0, k: int = 0, tail: int = 0, sinks: int = 0) -> None:
+        """Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window (StreamingLLM);
+        k tokens kept per KV head (sinks included), tail = tokens decoded between refreshes (stride)."""
+        _raise_for(N.lib.plz_set_recycle(self.handle, int(mode), int(k), int(tail), int(sinks)), "set_recycle")
+        self.recycle_mode = int(mode)
+        self._recycle_k = int(k)
+
+    def decode(self, token: int, recycled: bool = False, similarity: bool = False):
+        """One token as the stride policy says. Returns (logits [n_vocab], ran_recycled, sims or None),
+        sims: per-layer cosine similarity of the query with the last refresh's (NaN where not computed)."""
+        logits = np.empty(self.n_vocab, dtype=np.float32)
+        sims = np.full(self.model.info.n_layer, np.nan, dtype=np.float32) if similarity else None
+        ran = ctypes.c_int32()
+        code = N.lib.plz_decode(self.handle, int(token), N.PLZ_STEP_RECYCLED if recycled else N.PLZ_STEP_FULL,
+                                _f32p(logits), _f32p(sims) if sims is not None else None, ctypes.byref(ran))
+        _raise_for(code, "decode")
+        return logits, ran.value == N.PLZ_STEP_RECYCLED, sims
+
+    def recycle_stats(self) -> dict:
+        full, rec = ctypes.c_int64(), ctypes.c_int64()
+        _raise_for(N.lib.plz_recycle_stats(self.handle, ctypes.byref(full), ctypes.byref(rec)), "recycle_stats")
+        return {"full_steps": full.value, "recycled_steps": rec.value}
+
+    def recycle_positions(self, layer: int) -> np.ndarray:
+        """Positions kept per KV head at `layer` by the last refresh, [n_head_kv, k] (-1: stage kept all)."""
+        info = self.model.info
+        out = np.zeros((info.n_head_kv, self._recycle_k), dtype=np.int32)
+        _raise_for(N.lib.plz_recycle_positions(self.handle, int(layer), _i32p(out)), "recycle_positions")
+        return out
 
     def stages(self) -> list:
         """Per stage: layers [il0, il1), positions holding a cell, positions selected at the last step."""

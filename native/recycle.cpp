@@ -1,0 +1,96 @@
+#include "recycle.h"
+#include "context.h"
+#include "pylazy.h"
+
+#include "ggml-alloc.h"
+
+#include <algorithm>
+
+namespace plz {
+
+void RecycleState::free_buffers() {
+    if (buf) ggml_backend_buffer_free(buf);
+    if (ctx) ggml_free(ctx);
+    buf = nullptr;
+    ctx = nullptr;
+    rk.clear(); rv.clear(); rq.clear(); ridx.clear();
+}
+
+void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks) {
+    const Hparams & hp = c.model->hp;
+    RecycleState & r = c.rec;
+    r.free_buffers();
+    r = RecycleState();
+    r.mode = mode;
+    if (mode == 0) return;
+    if (k < 1 || tail_cap < 1 || sinks < 0 || sinks > k) throw Error(PLZ_ERR_ARG, "recycle: need k >= 1, tail >= 1, 0 <= sinks <= k");
+    if (tail_cap > c.n_ctx) throw Error(PLZ_ERR_ARG, "recycle: the stride exceeds the context");
+    // k >= context keeps every token: no gather ever happens, so the cache need not be larger.
+    r.k = std::min(k, c.n_ctx);
+    r.tail_cap = tail_cap;
+    r.sinks = sinks;
+    r.rows = (k + tail_cap + 255) / 256 * 256;  // CUDA flash attention wants a multiple of 256 keys
+    const int L = hp.n_layer, D = hp.head_dim, Hkv = hp.n_head_kv;
+    ggml_init_params ip = { ggml_tensor_overhead() * (4 * L + 1), nullptr, true };
+    r.ctx = ggml_init(ip);
+    for (int il = 0; il < L; ++il) {
+        r.rk.push_back(ggml_new_tensor_3d(r.ctx, GGML_TYPE_F16, D, r.rows, Hkv));
+        r.rv.push_back(ggml_new_tensor_3d(r.ctx, GGML_TYPE_F16, D, r.rows, Hkv));
+        r.rq.push_back(ggml_new_tensor_1d(r.ctx, GGML_TYPE_F32, (int64_t) D * hp.n_head));
+        r.ridx.push_back(ggml_new_tensor_2d(r.ctx, GGML_TYPE_I32, k, Hkv));
+    }
+    ggml_backend_t be = c.model->backend_gpu ? c.model->backend_gpu : c.model->backend_cpu;
+    r.buf = ggml_backend_alloc_ctx_tensors_from_buft(r.ctx, ggml_backend_get_default_buffer_type(be));
+    if (!r.buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the recycled cache");
+    ggml_backend_buffer_clear(r.buf, 0);
+}
+
+void build_refresh(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
+                   ggml_tensor * kc, ggml_tensor * vc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
+                   ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale) {
+    const Hparams & hp = c.model->hp;
+    RecycleState & r = c.rec;
+    const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv, G = H / Hkv;
+    ggml_tensor * idx;
+    if (r.mode == 1) {
+        // Scores of the one query: [n_kv, 1, H] -> per KV head the max over its G query heads.
+        ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_mul_mat(ctx0, kc, q_last), mask_last, kq_scale, 0.0f);
+        p = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, Hkv), 1, 0, 2, 3));  // [G, n_kv, Hkv]
+        p = ggml_pool_1d(ctx0, ggml_reshape_2d(ctx0, p, G, (int64_t) n_kv * Hkv), GGML_OP_POOL_MAX, G, G, 0);
+        ggml_tensor * score = ggml_add(ctx0, ggml_reshape_2d(ctx0, p, n_kv, Hkv), in.bias);
+        idx = ggml_top_k(ctx0, score, r.k);                                      // [k, Hkv]
+    } else {
+        idx = in.host_idx;
+    }
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, idx, r.ridx[il]));
+    // Copy the chosen rows per KV head: get_rows over [D, n_kv, Hkv] with indices [k, Hkv].
+    ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, r.k, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
+    ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, r.k, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, kc, idx), dst_k));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, vc, idx), dst_v));
+    // The refresh token itself is the first tail row.
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], ggml_permute(ctx0, k_fresh, 0, 2, 1, 3), in.tail_row));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], ggml_permute(ctx0, v_fresh, 0, 2, 1, 3), in.tail_row));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_reshape_1d(ctx0, q_last, (int64_t) D * H), r.rq[il]));
+}
+
+ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
+                                       ggml_tensor * q, ggml_tensor * k_fresh, ggml_tensor * v_fresh,
+                                       const RecycleInputs & in, float kq_scale) {
+    RecycleState & r = c.rec;
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], ggml_permute(ctx0, k_fresh, 0, 2, 1, 3), in.tail_row));
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], ggml_permute(ctx0, v_fresh, 0, 2, 1, 3), in.tail_row));
+    ggml_tensor * attn = ggml_flash_attn_ext(ctx0, q, r.rk[il], r.rv[il], in.mask, kq_scale, 0.0f, 0.0f);
+    ggml_prec_set_acc(attn, GGML_PREC_F32);
+    return attn;
+}
+
+ggml_tensor * build_query_similarity(ggml_context * ctx0, Context & c, int il, ggml_tensor * q) {
+    ggml_tensor * a = ggml_reshape_1d(ctx0, q, ggml_nelements(q));
+    ggml_tensor * b = c.rec.rq[il];
+    ggml_tensor * dot = ggml_sum(ctx0, ggml_mul(ctx0, a, b));
+    ggml_tensor * norms = ggml_sqrt(ctx0, ggml_mul(ctx0, ggml_sum(ctx0, ggml_sqr(ctx0, a)), ggml_sum(ctx0, ggml_sqr(ctx0, b))));
+    return ggml_div(ctx0, dot, norms);
+}
+
+}  // namespace plz

@@ -1,0 +1,66 @@
+// Recycled attention (arXiv 2411.05787 / RefreshKV) during decode.
+//
+// Per layer, a recycled cache [head_dim, R, n_head_kv] (F16) whose rows [0, n_sel) hold, per KV head,
+// the K/V of the tokens chosen at the last refresh, and whose tail rows [k, k + n_tail) hold the tokens
+// decoded since (the refresh token first). A refresh step is a full step that also scores every
+// visible cell (softmax of the one query, max over the query heads sharing the KV head), takes the
+// top-k per KV head (ggml_top_k), and copies those rows with get_rows. A recycled step writes its K/V to
+// the stage cache as always and to the tail, and attends only to the recycled cache: fixed shapes
+// ([.., R, ..]) for every recycled step, so the graph (and CUDA graphs) stay the same.
+#pragma once
+#include "ggml.h"
+#include "ggml-backend.h"
+
+#include <vector>
+
+namespace plz {
+
+struct Context;
+
+enum class StepKind { Full, Refresh, Recycled };
+
+struct RecycleState {
+    int mode = 0;                // 0: off, 1: top-k by attention, 2: sinks + recent window (StreamingLLM)
+    int k = 0, tail_cap = 0, sinks = 0;
+    int rows = 0;                // R = pad(k + tail_cap)
+    int n_sel = 0;               // gathered rows in use (<= k: fewer when fewer tokens were visible)
+    int n_tail = 0;              // tail rows in use
+    bool valid = false;          // a refresh happened since the last reset
+    int refresh_pos = -1;        // position of the token of the last refresh
+    std::vector<char> stage_all; // per stage: the refresh kept every visible token there, so recycled
+                                 // steps attend as full attention would (K >= context is exact)
+    ggml_context * ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    std::vector<ggml_tensor *> rk, rv;  // per layer [D, R, Hkv] F16
+    std::vector<ggml_tensor *> rq;     // per layer [D * H] F32: the query of the last refresh
+    std::vector<ggml_tensor *> ridx;  // per layer [k, Hkv] I32: cells chosen at the last refresh
+    int64_t full_steps = 0, recycled_steps = 0;
+
+    void free_buffers();
+};
+
+// Graph inputs of a decode step with recycling.
+struct RecycleInputs {
+    ggml_tensor * tail_row = nullptr;   // I64 [1]: tail row the fresh token's K/V goes to
+    ggml_tensor * mask = nullptr;       // F16 [R, 1]: valid recycled rows
+    ggml_tensor * bias = nullptr;       // F32 [n_kv]: refresh candidates 0, others -2 (top-k mode)
+    ggml_tensor * host_idx = nullptr;   // I32 [k, Hkv]: cells to keep (sinks + window mode)
+};
+
+void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks);
+
+// Refresh at layer il: top-k cells per KV head of the fresh (last) query row, copied into the
+// recycled cache with the fresh token's K/V as tail row 0; the query is kept for similarity checks.
+void build_refresh(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
+                   ggml_tensor * kc, ggml_tensor * vc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
+                   ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale);
+
+// Attention of a recycled step at layer il over the recycled cache; k_fresh/v_fresh [D, Hkv, 1].
+ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
+                                       ggml_tensor * q, ggml_tensor * k_fresh, ggml_tensor * v_fresh,
+                                       const RecycleInputs & in, float kq_scale);
+
+// Cosine similarity of the query with the last refresh's query at layer il (a scalar tensor).
+ggml_tensor * build_query_similarity(ggml_context * ctx0, Context & c, int il, ggml_tensor * q);
+
+}  // namespace plz

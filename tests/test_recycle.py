@@ -1,0 +1,132 @@
+"""Recycled attention against references: exact full attention when K >= context or S = 1, and the
+numpy reference for which tokens a refresh keeps per KV head and what a recycled step computes."""
+import math
+
+import numpy as np
+import pytest
+
+from models.tiny import load_tiny_weights
+from pylazy.engine import Context, Model
+from tests import reference as R
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    hp, w = load_tiny_weights(tiny_model_path)
+    m = Model(tiny_model_path, n_threads=2)
+    yield m, hp, w
+    m.close()
+
+
+def _generate(model, prompt, n, *, mode=0, k=0, stride=1, n_ctx=512):
+    """Greedy generation with a fixed stride: logits of every step."""
+    with Context(model, n_ctx=n_ctx) as ctx:
+        ctx.set_recycle(mode, k, stride, 4)
+        out = [ctx.eval(prompt)[0]]
+        for i in range(n):
+            logits, _, _ = ctx.decode(int(out[-1].argmax()), recycled=i % stride != 0)
+            out.append(logits)
+        return np.array(out), ctx.recycle_stats()
+
+
+def test_k_over_context_or_stride_1_equals_full(default_model_path):
+    m = Model(default_model_path, n_threads=2)
+    prompt = list(range(2000, 2064))
+    full, _ = _generate(m, prompt, 256)
+    big_k, st = _generate(m, prompt, 256, mode=1, k=4096, stride=16)
+    assert st["recycled_steps"] > 200
+    s1, st1 = _generate(m, prompt, 256, mode=1, k=16, stride=1)
+    assert st1["recycled_steps"] == 0
+    m.close()
+    assert np.array_equal(full, big_k)
+    assert np.array_equal(full, s1)
+
+
+def _close_sets(engine_rows, ref_rows, scores, margin=1e-3):
+    for g, (a, b) in enumerate(zip(engine_rows, ref_rows)):
+        diff = set(a.tolist()) ^ set(b.tolist())
+        if diff:
+            cut = min(scores[g][p] for p in b)
+            assert all(abs(scores[g][p] - cut) < margin for p in diff), (g, sorted(diff))
+
+
+def test_refresh_topk_and_recycled_step_match_numpy(tiny):
+    m, hp, w = tiny
+    K, G = 8, hp["n_head"] // hp["n_head_kv"]
+    prompt = np.random.default_rng(3).integers(100, 40000, size=40).tolist()
+    t1, t2 = 1234, 4321
+    seq = prompt + [t1]
+    _, layers = R.forward(hp, w, seq, return_internals=True)
+    with Context(m, n_ctx=256) as ctx:
+        ctx.set_recycle(1, K, 8, 0)
+        ctx.eval(prompt)
+        _, ran, _ = ctx.decode(t1, recycled=True)      # no cache yet: runs as a refresh
+        assert not ran
+        kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
+        logits2, ran2, sims = ctx.decode(t2, recycled=True, similarity=True)
+        assert ran2
+    n = len(seq)
+    # 1) the refresh token's choice per layer and KV head
+    ref_kept = []
+    for il in range(hp["n_layer"]):
+        q = layers[il]["q"][-1]                                   # [H, d] of t1
+        k = np.transpose(layers[il]["k"][:-1], (1, 0, 2))         # [Hkv, n-1, d], t1 itself excluded
+        ref = R.recycle_topk(q, k, K)
+        kh = np.repeat(k, G, axis=0)
+        p = R.softmax(np.einsum("hd,hnd->hn", q, kh) / math.sqrt(hp["head_dim"]), axis=-1)
+        _close_sets(kept[il], ref, p.reshape(hp["n_head_kv"], G, -1).max(axis=1))
+        ref_kept.append(ref)
+    # 2) the recycled step: t2 attends per KV head to its K kept tokens + tail (t1, t2)
+    h = R.embed(w, [t2])
+    for il in range(hp["n_layer"]):
+        q, k2, v2 = R.qkv(hp, w, il, h, [n])
+        outs = []
+        for hq in range(hp["n_head"]):
+            g = hq // G
+            keys = list(ref_kept[il][g]) + [n - 1]
+            kk = np.concatenate([layers[il]["k"][keys, g], k2[:, g]])
+            vv = np.concatenate([layers[il]["v"][keys, g], v2[:, g]])
+            p = R.softmax(kk @ q[0, hq] / math.sqrt(hp["head_dim"]))
+            outs.append(p @ vv)
+        p_ = f"blk.{il}."
+        hh = h + np.concatenate(outs)[None] @ w[p_ + "attn_output.weight"].T
+        x = R.rms_norm(hh, w[p_ + "ffn_norm.weight"], hp["rms_eps"])
+        gate, up = x @ w[p_ + "ffn_gate.weight"].T, x @ w[p_ + "ffn_up.weight"].T
+        h = hh + (gate / (1 + np.exp(-gate)) * up) @ w[p_ + "ffn_down.weight"].T
+    ref_logits = R.output_logits(hp, w, h)[0]
+    assert np.abs(logits2 - ref_logits).max() < 0.1
+    assert logits2.argmax() == ref_logits.argmax()
+    assert np.all((sims > -1.0001) & (sims < 1.0001))
+
+
+def test_dynamic_stride_triggers_full_step_after_low_similarity(tiny):
+    from pylazy.policy import DynamicStride
+    m, _, _ = tiny
+    policy = DynamicStride(16, 0.999, 1)    # a threshold no real query reaches
+    policy.reset()
+    kinds = []
+    with Context(m, n_ctx=256) as ctx:
+        ctx.set_recycle(1, 8, 16, 0)
+        ctx.eval(list(range(100, 140)))
+        for t in range(200, 206):
+            step = policy.next_step()
+            _, ran, sims = ctx.decode(t, recycled=step.kind == "recycled", similarity=step.check_similarity)
+            kinds.append("recycled" if ran else "full")
+            if step.check_similarity:
+                sim = float(np.nanmean(sims)) if ran else None
+                if ran:
+                    assert sim < 0.999
+                policy.observe(sim)
+    # full, then a checked recycled step whose low similarity makes the next one full, and so on
+    assert kinds == ["full", "recycled", "full", "recycled", "full", "recycled"]
+
+
+def test_bad_recycle_values(tiny):
+    m, _, _ = tiny
+    with Context(m, n_ctx=64) as ctx:
+        with pytest.raises(ValueError):
+            ctx.set_recycle(1, 0, 16, 0)
+        with pytest.raises(ValueError):
+            ctx.set_recycle(3, 8, 16, 0)
+        with pytest.raises(ValueError):
+            ctx.set_recycle(1, 8, 1000, 0)
