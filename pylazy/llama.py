@@ -332,14 +332,32 @@ class Llama:
         self._last_logits = logits[-1].copy()
         return logits
 
+    def _configure_recycle(self, recycle: RecyclePolicy) -> None:
+        """Give the context the recycled cache `recycle` asks for (only when it changes)."""
+        if recycle is None:
+            want = (0, 0, 0, 0)
+        elif isinstance(recycle, StreamingWindow):
+            want = (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks)
+        else:
+            want = (1, recycle.k, recycle.stride, 0)
+        if want != getattr(self, "_recycle_config", (0, 0, 0, 0)):
+            self._ctx.set_recycle(*want)
+            self._recycle_config = want
+        self._recycle_start = self._ctx.recycle_stats()
+        self._similarities: List[float] = []
+
     def _decode_step(self, token: int, step: Step) -> np.ndarray:
         """Evaluate one generated token as the stride policy's ``step`` says; its logits.
 
-        For now every step is full attention; an engine step that returns the query
-        similarity stores it in ``self._last_similarity`` for the policy.
+        A recycled step also returns the per-layer query similarity when the policy asked
+        for it; its mean over the layers where it was computed goes to the policy.
         """
+        logits, ran_recycled, sims = self._ctx.decode(token, recycled=step.kind == "recycled",
+                                                      similarity=step.check_similarity)
         self._last_similarity = None
-        logits = self._ctx.eval([token])[0]
+        if ran_recycled and sims is not None and np.isfinite(sims).any():
+            self._last_similarity = float(np.nanmean(sims))
+            self._similarities.append(self._last_similarity)
         self._evaluated.append(token)
         self._last_logits = logits
         return logits
@@ -358,6 +376,19 @@ class Llama:
             "revived_per_layer": now["revived"],
             "kv_bytes": int(sum(now["kv_bytes"])),
             "kv_bytes_per_layer": now["kv_bytes"],
+            **self._recycle_stats(),
+        }
+
+    def _recycle_stats(self) -> Dict[str, Any]:
+        start = getattr(self, "_recycle_start", None) or {"full_steps": 0, "recycled_steps": 0}
+        now = self._ctx.recycle_stats()
+        sims = getattr(self, "_similarities", [])
+        mode, k = getattr(self, "_recycle_config", (0, 0, 0, 0))[:2]
+        return {
+            "full_steps": now["full_steps"] - start["full_steps"],
+            "recycled_steps": now["recycled_steps"] - start["recycled_steps"],
+            "recycle_k": k if mode else None,
+            "mean_query_similarity": float(np.mean(sims)) if sims else None,
         }
 
     def _sync_prompt(self, prompt_tokens: List[int], lazy: Lazy, all_logits: bool) -> Tuple[np.ndarray, int]:
@@ -388,6 +419,7 @@ class Llama:
         """
         policy = make_stride_policy(recycle)
         policy.reset()
+        self._configure_recycle(recycle)
         while True:
             token = sampler.sample(logits, history, n_prompt)
             if stopping_criteria is not None and stopping_criteria(self.input_ids, logits.copy()):

@@ -168,14 +168,19 @@ class Recycle:
 @dataclass(frozen=True)
 class StreamingWindow:
     """StreamingLLM-style decode: attend to the first ``sinks`` tokens and the last
-    ``window`` tokens only (default 4 + 1020 = 1024 cells)."""
+    ``window`` tokens only (default 4 + 1020 = 1024 cells), plus the tokens decoded since the
+    window last moved: the engine slides it every ``stride`` tokens (same recycled-cache
+    graph as Recycle, so the KV budget of StreamingWindow(sinks, window) equals
+    Recycle(k=sinks + window, stride))."""
 
     sinks: int = 4
     window: int = 1020
+    stride: int = 16
 
     def __post_init__(self) -> None:
         _check_int("sinks", self.sinks, 0)
         _check_int("window", self.window, 1)
+        _check_int("stride", self.stride, 1)
 
 
 class Step(NamedTuple):
