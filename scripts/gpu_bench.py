@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""pylazy vs llama.cpp on one GGUF file, same run, same device: parity, prefill, TTFT, decode.
+
+Made for the H100 machine (scripts/README.md: device_build.sh builds both with CUDA and writes a
+random Llama-3-8B-shaped Q4_K file), runs anywhere (CPU with --n-gpu-layers 0 and small --lengths).
+
+    python3 scripts/gpu_bench.py --model /tmp/llama3-8b-random-q4_k.gguf --out bench.json
+
+Rows: logit parity (max |diff|, top-1 agreement) on a short prompt; prefill tok/s at --prefill
+lengths (pylazy full vs llama.cpp, flash attention on); TTFT of pylazy's lazy default at the longest;
+decode tok/s at --depths (pylazy full, pylazy recycled K/S, llama.cpp). Prompts are random token ids
+(speed does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import llama_cpp  # noqa: E402
+
+import pylazy  # noqa: E402
+from pylazy.engine import Context, Model  # noqa: E402
+from pylazy.llama_ref import reference_llama  # noqa: E402
+
+
+def tokens(n: int, seed: int = 0) -> list:
+    return np.random.default_rng(seed).integers(1000, 40000, size=n).tolist()
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def ref_model(path, n_ctx, args):
+    return reference_llama(path, n_ctx=n_ctx, n_batch=args.n_batch, n_ubatch=args.n_ubatch, flash_attn=True,
+                           n_gpu_layers=args.n_gpu_layers, logits_all=False, n_threads=args.threads)
+
+
+def ref_prefill(llm, toks) -> float:
+    llm.reset()
+    llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+    t = time.perf_counter()
+    llm.eval(toks)
+    return time.perf_counter() - t
+
+
+def ref_decode(llm, n_steps) -> float:
+    tok = 1234
+    t = time.perf_counter()
+    for _ in range(n_steps):
+        llm.eval([tok])
+    return n_steps / (time.perf_counter() - t)
+
+
+def ours_decode(ctx, n_steps, recycle_stride=0) -> float:
+    tok = 1234
+    ctx.decode(tok, recycled=False)  # a refresh first when recycling (not timed)
+    t = time.perf_counter()
+    for i in range(n_steps):
+        ctx.decode(tok, recycled=recycle_stride > 0 and (i + 1) % recycle_stride != 0)
+    return n_steps / (time.perf_counter() - t)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prefill", default="4096,32768")
+    ap.add_argument("--depths", default="0,8192,32768,65536")
+    ap.add_argument("--decode-steps", type=int, default=64)
+    ap.add_argument("--recycle-k", type=int, default=4096)
+    ap.add_argument("--stride", type=int, default=16)
+    ap.add_argument("--n-gpu-layers", type=int, default=-1)
+    ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--n-batch", type=int, default=2048)
+    ap.add_argument("--n-ubatch", type=int, default=512)
+    ap.add_argument("--parity-tokens", type=int, default=256)
+    ap.add_argument("--skip", default="", help="comma list of rows to skip: parity,prefill,ttft,decode")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    prefill_lens = [int(x) for x in args.prefill.split(",") if x]
+    depths = [int(x) for x in args.depths.split(",") if x]
+    skip = set(args.skip.split(","))
+    n_ctx = max(prefill_lens + [d + args.decode_steps + 64 for d in depths])
+    n_ctx = (n_ctx + 255) // 256 * 256
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model, "n_ctx": n_ctx,
+           "pylazy_version": pylazy.__version__, "llama_cpp_python": llama_cpp.__version__,
+           "host": platform.node(), "args": vars(args)}
+    try:
+        res["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip()
+    except OSError:
+        res["gpu"] = None
+
+    # ---- llama.cpp -------------------------------------------------------------------------------
+    ref = {"prefill": {}, "decode": {}}
+    if "parity" not in skip:
+        llm = reference_llama(args.model, n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=True,
+                              n_gpu_layers=args.n_gpu_layers, logits_all=True, n_threads=args.threads)
+        ptoks = tokens(args.parity_tokens, seed=7)
+        llm.eval(ptoks)
+        ref_logits = np.array(llm.scores[: len(ptoks)], dtype=np.float32)
+        del llm
+        gc.collect()
+    llm = ref_model(args.model, n_ctx, args)
+    ref_prefill(llm, tokens(512))  # warm-up
+    if "prefill" not in skip or "ttft" not in skip:
+        for n in prefill_lens:
+            dt = ref_prefill(llm, tokens(n))
+            ref["prefill"][n] = n / dt
+            log(f"llama.cpp prefill {n}: {n / dt:.0f} tok/s ({dt:.2f} s)")
+    if "decode" not in skip:
+        for d in depths:
+            if d:
+                ref_prefill(llm, tokens(d))
+            else:
+                llm.reset()
+                llm.eval([1])
+            ref["decode"][d] = ref_decode(llm, args.decode_steps)
+            log(f"llama.cpp decode at {d}: {ref['decode'][d]:.1f} tok/s")
+    del llm
+    gc.collect()
+
+    # ---- pylazy ------------------------------------------------------------------------------------
+    ours = {"prefill": {}, "ttft_lazy": {}, "decode_full": {}, "decode_recycled": {}}
+    m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
+    res["backend"] = m.info.backend
+    if "parity" not in skip:
+        with Context(m, n_ctx=1024, n_ubatch=512) as ctx:
+            got = ctx.eval(ptoks, all_logits=True)
+        res["parity"] = {"tokens": len(ptoks), "max_abs_diff": float(np.abs(got - ref_logits).max()),
+                         "top1_agreement": float((got.argmax(1) == ref_logits.argmax(1)).mean()),
+                         "logit_std": float(ref_logits.std())}
+        log("parity", res["parity"])
+    ctx = Context(m, n_ctx=n_ctx, n_ubatch=args.n_ubatch)
+
+    def prefill(n, schedule):
+        ctx.reset()
+        if schedule != ctx.lazy_schedule:
+            ctx.set_lazy(schedule)
+        toks = tokens(n)
+        t = time.perf_counter()
+        for i in range(0, n, args.n_batch if not schedule else n):
+            ctx.eval(toks[i:i + (args.n_batch if not schedule else n)])
+        return time.perf_counter() - t
+
+    prefill(512, [])  # warm-up
+    if "prefill" not in skip:
+        for n in prefill_lens:
+            dt = prefill(n, [])
+            ours["prefill"][n] = n / dt
+            log(f"pylazy prefill {n}: {n / dt:.0f} tok/s ({dt:.2f} s)")
+    if "ttft" not in skip:
+        sched = pylazy.LazyPrefill().resolve(m.info.n_layer)
+        prefill(512, sched)
+        n = max(prefill_lens)
+        dt = prefill(n, sched)
+        ours["ttft_lazy"][n] = dt
+        log(f"pylazy lazy TTFT {n}: {dt:.2f} s; layer cells {ctx.layer_stats()['cells'][-1]}")
+        ctx.reset()
+        ctx.set_lazy([])
+    if "decode" not in skip:
+        for d in depths:
+            prefill(max(d, 1), [])
+            ctx.set_recycle(0)
+            ours["decode_full"][d] = ours_decode(ctx, args.decode_steps)
+            ctx.set_recycle(1, args.recycle_k, args.stride, 0)
+            ours["decode_recycled"][d] = ours_decode(ctx, args.decode_steps, args.stride)
+            ctx.set_recycle(0)
+            log(f"pylazy decode at {d}: full {ours['decode_full'][d]:.1f}, recycled {ours['decode_recycled'][d]:.1f} tok/s")
+    ctx.close()
+    m.close()
+
+    res["llama_cpp"], res["pylazy"] = ref, ours
+    lines = [f"# pylazy vs llama.cpp — {res['date']}, {res.get('gpu') or platform.processor()}, backend {res['backend']}",
+             f"model {Path(args.model).name}, pylazy {res['pylazy_version']}, llama-cpp-python {res['llama_cpp_python']}, "
+             f"flash attention on, n_ubatch {args.n_ubatch}", ""]
+    if "parity" in res:
+        p = res["parity"]
+        lines += [f"parity ({p['tokens']} tokens): max |logit diff| {p['max_abs_diff']:.4g} (logit std {p['logit_std']:.3g}), "
+                  f"top-1 agreement {p['top1_agreement']:.4f}", ""]
+    if ours["prefill"]:
+        lines += ["| prefill | llama.cpp tok/s | pylazy full tok/s | ratio |", "|---|---|---|---|"]
+        lines += [f"| {n} | {ref['prefill'][n]:.0f} | {ours['prefill'][n]:.0f} | {ours['prefill'][n] / ref['prefill'][n]:.2f}× |"
+                  for n in prefill_lens]
+        lines.append("")
+    if ours["ttft_lazy"]:
+        for n, dt in ours["ttft_lazy"].items():
+            base = n / ref["prefill"][n]
+            lines.append(f"TTFT at {n}: llama.cpp {base:.2f} s, pylazy lazy default {dt:.2f} s → {base / dt:.2f}× faster")
+        lines.append("")
+    if ours["decode_full"]:
+        lines += [f"| decode depth | llama.cpp tok/s | pylazy full | ratio | pylazy recycled K={args.recycle_k} S={args.stride} | ratio |",
+                  "|---|---|---|---|---|---|"]
+        for d in depths:
+            r, f, c = ref["decode"][d], ours["decode_full"][d], ours["decode_recycled"][d]
+            lines.append(f"| {d} | {r:.1f} | {f:.1f} | {f / r:.2f}× | {c:.1f} | {c / r:.2f}× |")
+    table = "\n".join(lines)
+    print(table)
+    res["table"] = table
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
