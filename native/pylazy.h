@@ -5,6 +5,12 @@
 #include <stdint.h>
 #include <stddef.h>
 
+#if defined(_WIN32)
+#  define PLZ_API __declspec(dllexport)
+#else
+#  define PLZ_API __attribute__((visibility("default")))
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -40,33 +46,33 @@ typedef struct plz_context_params {
     int32_t n_threads;      // <= 0: the model's setting
 } plz_context_params;
 
-const char * pylazy_last_error(void);
+PLZ_API const char * pylazy_last_error(void);
 
-int  plz_model_load(const char * path, const plz_model_params * params, plz_model ** out);
-void plz_model_free(plz_model * model);
-int  plz_model_get_info(const plz_model * model, plz_model_info * info);
+PLZ_API int  plz_model_load(const char * path, const plz_model_params * params, plz_model ** out);
+PLZ_API void plz_model_free(plz_model * model);
+PLZ_API int  plz_model_get_info(const plz_model * model, plz_model_info * info);
 
-int  plz_context_new(plz_model * model, const plz_context_params * params, plz_context ** out);
-void plz_context_free(plz_context * ctx);
-int  plz_context_set_threads(plz_context * ctx, int32_t n_threads);
+PLZ_API int  plz_context_new(plz_model * model, const plz_context_params * params, plz_context ** out);
+PLZ_API void plz_context_free(plz_context * ctx);
+PLZ_API int  plz_context_set_threads(plz_context * ctx, int32_t n_threads);
 
 // Appends n tokens at positions n_past..n_past+n-1 and computes them.
 // logits_out: [n_out, n_vocab] floats where n_out = n if all_logits else 1 (the last token).
-int  plz_eval(plz_context * ctx, const int32_t * tokens, int32_t n, int32_t all_logits, float * logits_out);
-int  plz_reset(plz_context * ctx);
+PLZ_API int  plz_eval(plz_context * ctx, const int32_t * tokens, int32_t n, int32_t all_logits, float * logits_out);
+PLZ_API int  plz_reset(plz_context * ctx);
 
 // Lazy prefill schedule: after layer layers[i] keep the fraction keep[i] of all tokens (n == 0: full
 // attention). Only on an empty context; reallocates the per-stage KV cache and the aux cache.
-int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep);
+PLZ_API int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep);
 
 // Per layer (arrays of n_layer): tokens holding a KV cell (computed there), tokens revived there since
 // the last reset, and KV bytes allocated. Any pointer may be null.
-int  plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes);
-int  plz_n_past(const plz_context * ctx);
+PLZ_API int  plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes);
+PLZ_API int  plz_n_past(const plz_context * ctx);
 
 // Recycled attention. mode: 0 off, 1 top-k by attention (Recycle), 2 sinks + recent window
 // (StreamingWindow: k = sinks + window). tail_cap: tokens decoded between refreshes (the stride).
-int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks);
+PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks);
 
 #define PLZ_STEP_FULL      0
 #define PLZ_STEP_RECYCLED  1
@@ -74,22 +80,22 @@ int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_ca
 // RECYCLED falls back to FULL when there is no valid cache or its tail is full). logits: n_vocab floats.
 // sims (n_layer floats, may be null): per layer cosine(query, query of the last refresh) on recycled
 // steps, NaN where not computed. kind_run: what ran (may be null).
-int  plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run);
-int  plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, int64_t * recycled_steps);
+PLZ_API int  plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run);
+PLZ_API int  plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, int64_t * recycled_steps);
 // Positions chosen per KV head at layer il by the last refresh: [n_head_kv, k]; -1 where the stage
 // kept every token (no gather).
-int  plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions);
+PLZ_API int  plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions);
 
 // Introspection (tests, stats). Stage s: layers [il0, il1), cells in use, positions selected into it at
 // the last step (stage 0: none). cell_pos gets n_cells entries, selected n_selected.
-int  plz_n_stages(const plz_context * ctx);
-int  plz_stage_info(const plz_context * ctx, int32_t s, int32_t * il0, int32_t * il1, int32_t * n_cells, int32_t * n_selected);
-int  plz_stage_positions(const plz_context * ctx, int32_t s, int32_t * cell_pos, int32_t * selected);
+PLZ_API int  plz_n_stages(const plz_context * ctx);
+PLZ_API int  plz_stage_info(const plz_context * ctx, int32_t s, int32_t * il0, int32_t * il1, int32_t * n_cells, int32_t * n_selected);
+PLZ_API int  plz_stage_positions(const plz_context * ctx, int32_t s, int32_t * cell_pos, int32_t * selected);
 // K and V rows (as float, RoPE applied) of the tokens at `positions` in layer il: [n, head_dim * n_head_kv]
 // each; an error if one of them was never computed at that layer.
-int  plz_read_kv(const plz_context * ctx, int32_t il, int32_t n, const int32_t * positions, float * k, float * v);
+PLZ_API int  plz_read_kv(const plz_context * ctx, int32_t il, int32_t n, const int32_t * positions, float * k, float * v);
 // Hidden states entering stage s (s >= 1) saved in the aux cache: [n, n_embd].
-int  plz_read_aux(const plz_context * ctx, int32_t s, int32_t n, const int32_t * positions, float * h);
+PLZ_API int  plz_read_aux(const plz_context * ctx, int32_t s, int32_t n, const int32_t * positions, float * h);
 
 #ifdef __cplusplus
 }

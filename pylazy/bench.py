@@ -84,14 +84,17 @@ def _tokens_digest(tokens: Sequence[int]) -> str:
 
 
 # ----- the two engines ---------------------------------------------------------------------
-def _median_run(repeat: int, fns: Sequence[Callable[[], float]]) -> List[float]:
+def _median_run(repeat: int, fns: Sequence[Callable[[], float]], seconds: Optional[List[list]] = None) -> List[float]:
     """Runs each fn `repeat` times, alternating fns (first fn first on even rounds, last on odd);
-    the median seconds of each."""
+    the median seconds of each. Every run's seconds are appended to `seconds` (one list per fn),
+    so the JSON shows how noisy a cell was."""
     times: List[List[float]] = [[] for _ in fns]
     for r in range(repeat):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             times[i].append(fns[i]())
+    if seconds is not None:
+        seconds.extend([round(t, 4) for t in ts] for ts in times)
     return [statistics.median(t) for t in times]
 
 
@@ -243,8 +246,10 @@ def prefill_rows(eng: Engines, tokens: Sequence[int], lengths: Sequence[int], re
         tick(f"prefill {n}")
         prompt = tokens[:n]
         runs = _repeats(n, repeat)
-        t_plz, t_ref = _median_run(runs, [lambda: eng.pylazy_prefill(prompt), lambda: eng.llama_prefill(prompt)])
-        rows.append({"n_tokens": n, "runs": runs, "pylazy_s": t_plz, "llama_cpp_s": t_ref,
+        seconds: List[list] = []
+        t_plz, t_ref = _median_run(runs, [lambda: eng.pylazy_prefill(prompt), lambda: eng.llama_prefill(prompt)],
+                                   seconds)
+        rows.append({"n_tokens": n, "runs": runs, "pylazy_s": t_plz, "llama_cpp_s": t_ref, "run_seconds": seconds,
                      "pylazy_tok_s": n / t_plz, "llama_cpp_tok_s": n / t_ref, "ratio": t_ref / t_plz,
                      "load": _load()})
     return rows
@@ -273,7 +278,8 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
             t, fed["llama_cpp"] = eng.llama_decode(prefix, first, n_steps)
             return t
 
-        t_plz, t_ref = _median_run(runs, [plz, ref])
+        seconds: List[list] = []
+        t_plz, t_ref = _median_run(runs, [plz, ref], seconds)
         agree = 0
         for a, b in zip(fed["pylazy"], fed["llama_cpp"]):
             if a != b:
@@ -281,7 +287,7 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
             agree += 1
         rows.append({"policy": policy, "depth": depth, "steps": n_steps, "runs": runs,
                      "pylazy_tok_s": n_steps / t_plz, "llama_cpp_tok_s": n_steps / t_ref,
-                     "ratio": t_ref / t_plz, "greedy_agree": agree, "load": _load()})
+                     "ratio": t_ref / t_plz, "greedy_agree": agree, "run_seconds": seconds, "load": _load()})
     return rows
 
 
@@ -293,17 +299,20 @@ def ttft_rows(eng: Engines, tokens: Sequence[int], lengths: Sequence[int], lazie
         prompt = tokens[:n]
         runs = _repeats(n, repeat)
         tick(f"ttft full {n}")
-        t_full = _median_run(runs, [lambda: eng.pylazy_prefill(prompt)])[0]
+        full_seconds: List[list] = []
+        t_full = _median_run(runs, [lambda: eng.pylazy_prefill(prompt)], full_seconds)[0]
         full_stats = eng.pylazy_prefill_stats()
         for name, lazy in lazies:
             tick(f"ttft {name} {n}")
             schedule = lazy.resolve(eng.n_layer)
-            t_lazy = _median_run(runs, [lambda: eng.pylazy_prefill(prompt, schedule)])[0]
+            lazy_seconds: List[list] = []
+            t_lazy = _median_run(runs, [lambda: eng.pylazy_prefill(prompt, schedule)], lazy_seconds)[0]
             st = eng.pylazy_prefill_stats()
             rows.append({"n_tokens": n, "lazy": name, "schedule": schedule, "runs": runs,
                          "full_s": t_full, "lazy_s": t_lazy, "speedup": t_full / t_lazy,
                          "computed_fraction": st["computed_fraction"],
                          "kv_bytes_full": full_stats["kv_bytes"], "kv_bytes_lazy": st["kv_bytes"],
+                         "run_seconds": full_seconds + lazy_seconds,
                          "load": _load()})
     return rows
 

@@ -13,6 +13,11 @@ decode tok/s at --depths (pylazy full, pylazy recycled K/S, llama.cpp). Prompts 
 """
 from __future__ import annotations
 
+# Before numpy: on the GPU machine (torch venv numpy 2.5.2, libllama built with a static libstdc++),
+# `import numpy` before `import llama_cpp` makes llama.cpp's model load segfault in its tokenizer
+# init — with or without pylazy (seen 2026-11-22). Importing llama_cpp first avoids it.
+import llama_cpp  # noqa: F401,I001
+
 import argparse
 import gc
 import json
