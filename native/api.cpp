@@ -143,6 +143,13 @@ int plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived,
     });
 }
 
+int plz_truncate(plz_context * ctx, int32_t n) {
+    return guarded([&] {
+        require(ctx, "null argument");
+        plz::truncate(ctx->c, n);
+    });
+}
+
 int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks) {
     return guarded([&] {
         require(ctx && mode >= 0 && mode <= 2, "recycle mode must be 0, 1 or 2");

@@ -124,6 +124,7 @@ void check_status(ggml_status st, const char * what) {
 // stages, revived ones; `visible(row, cell)` says which cells each row attends to.
 struct Batch {
     int stage = 0;
+    bool attend_all = false;           // every row sees every earlier cell of the stage (causal only)
     std::vector<int32_t> rows;         // token ids (stage 0) or positions (gathered from aux[stage])
     std::vector<int32_t> pos;
     int n_select = 0;                  // > 0: select this many cells for the next stage (last row's view)
@@ -138,6 +139,11 @@ struct BatchResult {
 };
 
 }  // namespace
+
+void drop_graph_cache(Context & c) {
+    c.graph_cache.reset();
+    c.graph_key.clear();
+}
 
 // -- storage -------------------------------------------------------------------------------------
 
@@ -154,6 +160,7 @@ static ggml_backend_t compute_backend(const Context & c) {
 
 // (Re)allocates the K/V tensors of a stage with `capacity` cells, keeping the first n_cells rows.
 static void alloc_stage(Context & c, Stage & s, int capacity) {
+    drop_graph_cache(c);
     const Hparams & hp = c.model->hp;
     const int64_t row = (int64_t) hp.head_dim * hp.n_head_kv;
     ggml_init_params ip = { ggml_tensor_overhead() * (2 * (s.il1 - s.il0) + 1), nullptr, true };
@@ -200,12 +207,14 @@ static void ensure_capacity(Context & c, Stage & s, int need) {
 static void clear_stage_state(Context & c, Stage & s) {
     s.n_cells = 0;
     s.cell_pos.clear();
+    s.sorted = true;
     s.pos_cell.assign(c.n_ctx, -1);
     s.selected.clear();
     s.revived = 0;
 }
 
 Context::~Context() {
+    graph_cache.reset();
     if (sched) ggml_backend_sched_free(sched);
     rec.free_buffers();
     for (auto & s : stages) free_stage(s);
@@ -325,6 +334,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     std::vector<int64_t> cells(n);
     for (int i = 0; i < n; ++i) {
         if (st.pos_cell[b.pos[i]] >= 0) throw Error(PLZ_ERR_RUNTIME, "internal: token computed twice at a layer");
+        if (!st.cell_pos.empty() && b.pos[i] < st.cell_pos.back()) st.sorted = false;
         cells[i] = st.n_cells + i;
         st.pos_cell[b.pos[i]] = st.n_cells + i;
         st.cell_pos.push_back(b.pos[i]);
@@ -334,9 +344,17 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
 
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
     std::vector<ggml_fp16_t> mask((size_t) n_kv * n, ninf);
-    for (int i = 0; i < n; ++i) {
-        for (int j = 0; j < st.n_cells; ++j) {
-            if (st.cell_pos[j] <= b.pos[i] && visible(i, st.cell_pos[j])) mask[(size_t) i * n_kv + j] = zero;
+    if (b.attend_all && st.sorted) {
+        // Causal over position-ordered cells: row i sees a prefix of them (the prefill hot path).
+        for (int i = 0; i < n; ++i) {
+            const int lim = (int) (std::upper_bound(st.cell_pos.begin(), st.cell_pos.end(), b.pos[i]) - st.cell_pos.begin());
+            std::fill(mask.begin() + (size_t) i * n_kv, mask.begin() + (size_t) i * n_kv + lim, zero);
+        }
+    } else {
+        for (int i = 0; i < n; ++i) {
+            for (int j = 0; j < st.n_cells; ++j) {
+                if (st.cell_pos[j] <= b.pos[i] && visible(i, st.cell_pos[j])) mask[(size_t) i * n_kv + j] = zero;
+            }
         }
     }
     std::vector<float> bias;
@@ -349,9 +367,26 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     }
 
     BatchResult r;
-    ggml_backend_sched_reset(c.sched);
-    Graph g = build_stage_graph(c, b, n_kv);
-    if (!ggml_backend_sched_alloc_graph(c.sched, g.gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
+    const bool reusable = c.stages.size() == 1 && n == 1 && b.n_select == 0;
+    std::string key;
+    if (reusable) {
+        key = std::to_string((int) b.kind) + "/" + std::to_string(n_kv) + "/" + std::to_string(b.n_logits) + "/" +
+              std::to_string(b.want_sims) + "/" + std::to_string((int) c.rec.stage_all[b.stage]) + "/" + std::to_string(c.rec.rows);
+    }
+    std::shared_ptr<Graph> gp;
+    if (reusable && c.graph_cache && key == c.graph_key) {
+        gp = std::static_pointer_cast<Graph>(c.graph_cache);
+    } else {
+        drop_graph_cache(c);
+        ggml_backend_sched_reset(c.sched);
+        gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv));
+        if (!ggml_backend_sched_alloc_graph(c.sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
+        if (reusable) {
+            c.graph_cache = gp;
+            c.graph_key = key;
+        }
+    }
+    Graph & g = *gp;
     std::vector<int64_t> cells64(cells.begin(), cells.end());
     set_input(g.in.rows, b.rows.data(), sizeof(int32_t) * n);
     set_input(g.in.pos, b.pos.data(), sizeof(int32_t) * n);
@@ -402,6 +437,7 @@ void prefill_lazy(Context & c, const int32_t * tokens, int n, float * logits_out
             const bool last_chunk = off + nc == n_alive;
             Batch b;
             b.stage = s;
+            b.attend_all = true;
             b.pos.assign(alive.begin() + off, alive.begin() + off + nc);
             b.rows = s == 0 ? std::vector<int32_t>(tokens + off, tokens + off + nc) : b.pos;
             if (last_chunk && s + 1 < S) b.n_select = std::min(keep_count(c.stages[s + 1].keep, n), c.stages[s].n_cells + nc);
@@ -434,6 +470,7 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
         Stage & st = c.stages[s];
         Batch b;
         b.stage = s;
+        b.attend_all = s == 0;
         b.kind = kind;
         b.want_sims = sims != nullptr;
         int n_revive = 0;
@@ -481,6 +518,7 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
 // -- public --------------------------------------------------------------------------------------
 
 static void configure_stages(Context & c, const std::vector<int> & layers, const std::vector<float> & keep) {
+    drop_graph_cache(c);
     const Hparams & hp = c.model->hp;
     for (auto & s : c.stages) free_stage(s);
     c.stages.clear();
@@ -550,6 +588,7 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
 }
 
 void reset(Context * c) {
+    drop_graph_cache(*c);
     c->n_past = 0;
     c->n_prompt_lazy = 0;
     for (auto & s : c->stages) clear_stage_state(*c, s);
@@ -559,7 +598,19 @@ void reset(Context * c) {
     c->rec.full_steps = c->rec.recycled_steps = 0;
 }
 
+void truncate(Context * c, int n) {
+    if (c->stages.size() != 1) throw Error(PLZ_ERR_ARG, "truncate needs full attention (no lazy schedule)");
+    if (n < 0 || n > c->n_past) throw Error(PLZ_ERR_ARG, "truncate: n must be in [0, n_past]");
+    Stage & st = c->stages[0];
+    for (int i = n; i < st.n_cells; ++i) st.pos_cell[st.cell_pos[i]] = -1;
+    st.cell_pos.resize(n);
+    st.n_cells = n;
+    c->n_past = n;
+    c->rec.valid = false;
+}
+
 void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks) {
+    drop_graph_cache(*c);
     configure_recycle(*c, mode, k, tail_cap, sinks);
     c->rec.stage_all.assign(c->stages.size(), 0);
 }

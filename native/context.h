@@ -15,6 +15,8 @@
 #include "model.h"
 #include "recycle.h"
 
+#include <memory>
+#include <string>
 #include <vector>
 
 namespace plz {
@@ -25,6 +27,7 @@ struct Stage {
     int capacity = 0;                   // cells allocated per layer
     int n_cells = 0;                    // cells in use
     std::vector<int32_t> cell_pos;      // token position held by each used cell
+    bool sorted = true;                 // cell_pos ascending (revival appends out of order)
     std::vector<int32_t> pos_cell;      // position -> cell, -1 when the token was never computed here
     std::vector<int32_t> selected;      // positions chosen into this stage at the last step (s > 0)
     int64_t revived = 0;                // tokens computed here from the aux cache after prefill
@@ -45,6 +48,11 @@ struct Context {
     ggml_backend_buffer_t buf_aux = nullptr;
 
     ggml_backend_sched_t sched = nullptr;
+    // The last one-token graph, reused while the next step has the same shape: building and
+    // allocating it is skipped, and ggml's CUDA graph for it stays valid. Dropped whenever another
+    // graph is built or a cache tensor it points at is reallocated.
+    std::shared_ptr<void> graph_cache;
+    std::string graph_key;
     std::vector<uint8_t> graph_meta;    // memory for graph-building ggml contexts
     int graph_size = 0;
 
@@ -68,6 +76,11 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
 // were pruned). all_logits is only allowed without pruning.
 void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * logits_out);
 void reset(Context * c);
+void drop_graph_cache(Context & c);
+
+// Forgets every token at position >= n (full attention only), as llama.cpp's cache truncation: the
+// next eval continues at n. Used to reuse a prompt's cache across generations.
+void truncate(Context * c, int n);
 
 // Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window; k kept tokens per KV
 // head, tail_cap tokens decoded between refreshes (the stride).

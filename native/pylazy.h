@@ -60,6 +60,8 @@ PLZ_API int  plz_context_set_threads(plz_context * ctx, int32_t n_threads);
 // logits_out: [n_out, n_vocab] floats where n_out = n if all_logits else 1 (the last token).
 PLZ_API int  plz_eval(plz_context * ctx, const int32_t * tokens, int32_t n, int32_t all_logits, float * logits_out);
 PLZ_API int  plz_reset(plz_context * ctx);
+// Forgets the tokens at positions >= n (full attention only); the next eval continues at n.
+PLZ_API int  plz_truncate(plz_context * ctx, int32_t n);
 
 // Lazy prefill schedule: after layer layers[i] keep the fraction keep[i] of all tokens (n == 0: full
 // attention). Only on an empty context; reallocates the per-stage KV cache and the aux cache.

@@ -76,6 +76,7 @@ _sigs = {
     "plz_eval": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32, ctypes.c_int32,
                                 ctypes.POINTER(ctypes.c_float)]),
     "plz_reset": (ctypes.c_int, [_p]),
+    "plz_truncate": (ctypes.c_int, [_p, ctypes.c_int32]),
     "plz_n_past": (ctypes.c_int, [_p]),
     "plz_set_lazy": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)]),
     "plz_set_recycle": (ctypes.c_int, [_p] + [ctypes.c_int32] * 4),

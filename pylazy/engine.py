@@ -158,6 +158,10 @@ class Context:
     def reset(self) -> None:
         _raise_for(N.lib.plz_reset(self.handle), "reset")
 
+    def truncate(self, n: int) -> None:
+        """Forget the tokens at positions >= n (full attention only); the next eval continues at n."""
+        _raise_for(N.lib.plz_truncate(self.handle, int(n)), "truncate")
+
     def set_lazy(self, schedule: Sequence[Tuple[int, float]]) -> None:
         """Pruning schedule [(layer, keep), ...] (see LazyPrefill.resolve); [] = full attention.
 

@@ -398,15 +398,28 @@ class Llama:
         python's prefix match); the logits of every prompt position (echo + logprobs) need
         a fresh full-attention prefill.
         """
-        n = len(self._evaluated)
         if all_logits:
             self.reset()
             return self._prefill(prompt_tokens, None, all_logits=True), 0
+        n = len(self._evaluated)
         if 0 < n <= len(prompt_tokens) and self._last_logits is not None \
                 and self._evaluated == prompt_tokens[:n]:
             if n == len(prompt_tokens):
                 return self._last_logits[None, :], n
             return self._prefill(prompt_tokens[n:], lazy), n
+        # Full attention can also drop what came after a shared prefix (llama.cpp's cache truncation):
+        # the same prompt again, or a prompt that branches off, reuses the common part.
+        if lazy is None and not self._ctx.lazy_schedule and n:
+            common = 0
+            for a, b in zip(self._evaluated, prompt_tokens):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(prompt_tokens) - 1)  # re-evaluate at least one token for its logits
+            if common > 0:
+                self._ctx.truncate(common)
+                del self._evaluated[common:]
+                return self._prefill(prompt_tokens[common:], None), common
         self.reset()
         return self._prefill(prompt_tokens, lazy), 0
 

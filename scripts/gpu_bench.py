@@ -67,13 +67,20 @@ def ref_decode(llm, n_steps) -> float:
     return n_steps / (time.perf_counter() - t)
 
 
-def ours_decode(ctx, n_steps, recycle_stride=0) -> float:
+def ours_decode(ctx, n_steps, recycle_stride=0, step_ms=None) -> float:
+    """tok/s over n_steps; with step_ms (a dict) also the mean ms of full/refresh and recycled steps."""
     tok = 1234
     ctx.decode(tok, recycled=False)  # a refresh first when recycling (not timed)
+    times = {"full": [], "recycled": []}
     t = time.perf_counter()
     for i in range(n_steps):
-        ctx.decode(tok, recycled=recycle_stride > 0 and (i + 1) % recycle_stride != 0)
-    return n_steps / (time.perf_counter() - t)
+        t0 = time.perf_counter()
+        _, ran, _ = ctx.decode(tok, recycled=recycle_stride > 0 and (i + 1) % recycle_stride != 0)
+        times["recycled" if ran else "full"].append(time.perf_counter() - t0)
+    rate = n_steps / (time.perf_counter() - t)
+    if step_ms is not None:
+        step_ms.update({k: 1000 * float(np.mean(v)) for k, v in times.items() if v})
+    return rate
 
 
 def main(argv=None):
@@ -136,7 +143,7 @@ def main(argv=None):
     gc.collect()
 
     # ---- pylazy ------------------------------------------------------------------------------------
-    ours = {"prefill": {}, "ttft_lazy": {}, "decode_full": {}, "decode_recycled": {}}
+    ours = {"prefill": {}, "ttft_lazy": {}, "decode_full": {}, "decode_recycled": {}, "step_ms": {}}
     m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
     res["backend"] = m.info.backend
     if "parity" not in skip:
@@ -179,9 +186,11 @@ def main(argv=None):
             ctx.set_recycle(0)
             ours["decode_full"][d] = ours_decode(ctx, args.decode_steps)
             ctx.set_recycle(1, args.recycle_k, args.stride, 0)
-            ours["decode_recycled"][d] = ours_decode(ctx, args.decode_steps, args.stride)
+            ours["step_ms"][d] = {}
+            ours["decode_recycled"][d] = ours_decode(ctx, args.decode_steps, args.stride, ours["step_ms"][d])
             ctx.set_recycle(0)
-            log(f"pylazy decode at {d}: full {ours['decode_full'][d]:.1f}, recycled {ours['decode_recycled'][d]:.1f} tok/s")
+            log(f"pylazy decode at {d}: full {ours['decode_full'][d]:.1f}, recycled {ours['decode_recycled'][d]:.1f} tok/s"
+                f" (ms per refresh / recycled step: {ours['step_ms'][d]})")
     ctx.close()
     m.close()
 
