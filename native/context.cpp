@@ -46,6 +46,7 @@ struct Inputs {
     bool recycle_stage = false;          // Refresh/Recycled apply to this stage (not one that keeps all)
     RecycleInputs rec;
     std::vector<ggml_tensor *> * sims = nullptr;  // per-layer query similarity outputs (Recycled)
+    std::vector<RefreshLayer> * refresh = nullptr; // per-layer refresh scores, gathered after the last layer
 };
 
 // One transformer block on hidden states x [n_embd, n] attending to the first n_kv cells of the
@@ -85,7 +86,8 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     ggml_tensor * k_last = ggml_view_3d(ctx0, k, D, Hkv, 1, k->nb[1], k->nb[2], (size_t) (n - 1) * k->nb[2]);
     ggml_tensor * v_last = ggml_view_3d(ctx0, v3, D, Hkv, 1, v3->nb[1], v3->nb[2], (size_t) (n - 1) * v3->nb[2]);
     if (in.recycle_stage && in.kind == StepKind::Refresh) {
-        build_refresh(ctx0, gf, c, il, q_last, kc, vc, mask_last, k_last, v_last, in.rec, n_kv, kq_scale);
+        ggml_tensor * score = build_refresh_layer(ctx0, gf, c, il, q_last, kc, mask_last, k_last, v_last, in.rec, n_kv, kq_scale);
+        in.refresh->push_back({il, kc, vc, score});
     }
     if (in.sims) in.sims->push_back(build_query_similarity(ctx0, c, il, q_last));
     if (scores) {
@@ -233,6 +235,7 @@ struct Graph {
     ggml_tensor * logits = nullptr;
     ggml_tensor * selected = nullptr;   // I32 [n_select] cells chosen for the next stage
     std::vector<ggml_tensor *> sims;
+    std::vector<RefreshLayer> refresh;
 };
 
 Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
@@ -259,6 +262,7 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
         if (b.kind == StepKind::Refresh && c.rec.mode == 2) g.in.rec.host_idx = new_input(ctx0, GGML_TYPE_I32, c.rec.k, Hkv, "rec_idx");
     }
     if (b.want_sims && g.in.recycle_stage && b.kind == StepKind::Recycled) g.in.sims = &g.sims;
+    g.in.refresh = &g.refresh;
 
     ggml_tensor * x = b.stage == 0 ? ggml_get_rows(ctx0, c.model->tok_embd, g.in.rows)
                                    : ggml_get_rows(ctx0, c.aux[b.stage], g.in.rows);
@@ -271,6 +275,7 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
         // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
         ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, c.aux[b.stage + 1], x, g.in.pos));
     }
+    build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
     for (ggml_tensor * t : g.sims) {
         ggml_set_output(t);
         ggml_build_forward_expand(g.gf, t);

@@ -45,33 +45,54 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks) {
     ggml_backend_buffer_clear(r.buf, 0);
 }
 
-void build_refresh(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
-                   ggml_tensor * kc, ggml_tensor * vc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
-                   ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale) {
+ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
+                                  ggml_tensor * kc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
+                                  ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale) {
     const Hparams & hp = c.model->hp;
     RecycleState & r = c.rec;
     const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv, G = H / Hkv;
-    ggml_tensor * idx;
-    if (r.mode == 1) {
-        // Scores of the one query: [n_kv, 1, H] -> per KV head the max over its G query heads.
-        ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_mul_mat(ctx0, kc, q_last), mask_last, kq_scale, 0.0f);
-        p = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, Hkv), 1, 0, 2, 3));  // [G, n_kv, Hkv]
-        p = ggml_pool_1d(ctx0, ggml_reshape_2d(ctx0, p, G, (int64_t) n_kv * Hkv), GGML_OP_POOL_MAX, G, G, 0);
-        ggml_tensor * score = ggml_add(ctx0, ggml_reshape_2d(ctx0, p, n_kv, Hkv), in.bias);
-        idx = ggml_top_k(ctx0, score, r.k);                                      // [k, Hkv]
-    } else {
-        idx = in.host_idx;
-    }
-    ggml_build_forward_expand(gf, ggml_cpy(ctx0, idx, r.ridx[il]));
-    // Copy the chosen rows per KV head: get_rows over [D, n_kv, Hkv] with indices [k, Hkv].
-    ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, r.k, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
-    ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, r.k, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
-    ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, kc, idx), dst_k));
-    ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, vc, idx), dst_v));
     // The refresh token itself is the first tail row.
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], ggml_permute(ctx0, k_fresh, 0, 2, 1, 3), in.tail_row));
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], ggml_permute(ctx0, v_fresh, 0, 2, 1, 3), in.tail_row));
     ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_reshape_1d(ctx0, q_last, (int64_t) D * H), r.rq[il]));
+    if (r.mode != 1) return nullptr;
+    // Scores of the one query: [n_kv, 1, H] -> per KV head the max over its G query heads.
+    ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_mul_mat(ctx0, kc, q_last), mask_last, kq_scale, 0.0f);
+    p = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, Hkv), 1, 0, 2, 3));  // [G, n_kv, Hkv]
+    p = ggml_pool_1d(ctx0, ggml_reshape_2d(ctx0, p, G, (int64_t) n_kv * Hkv), GGML_OP_POOL_MAX, G, G, 0);
+    return ggml_add(ctx0, ggml_reshape_2d(ctx0, p, n_kv, Hkv), in.bias);
+}
+
+void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
+                          const RecycleInputs & in) {
+    if (layers.empty()) return;
+    RecycleState & r = c.rec;
+    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
+    ggml_tensor * idx_all = nullptr;   // [k, Hkv * n_layers]
+    if (r.mode == 1) {
+        // Stack the scores [n_kv, Hkv] of all layers (pairwise concat: log2(L) copies) and sort once.
+        std::vector<ggml_tensor *> level;
+        for (const auto & l : layers) level.push_back(l.score);
+        while (level.size() > 1) {
+            std::vector<ggml_tensor *> next;
+            for (size_t i = 0; i + 1 < level.size(); i += 2) next.push_back(ggml_concat(ctx0, level[i], level[i + 1], 1));
+            if (level.size() % 2) next.push_back(level.back());
+            level.swap(next);
+        }
+        idx_all = ggml_argsort_top_k(ctx0, level[0], r.k);
+    }
+    for (size_t j = 0; j < layers.size(); ++j) {
+        const int il = layers[j].il;
+        ggml_tensor * idx = idx_all ? ggml_view_2d(ctx0, idx_all, r.k, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1])
+                                    : in.host_idx;
+        if (idx_all) idx = ggml_cont(ctx0, idx);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, idx, r.ridx[il]));
+        // Copy the chosen rows per KV head: get_rows over [D, n_kv, Hkv] with indices [k, Hkv].
+        ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, r.k, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
+        ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, r.k, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].kc, idx), dst_k));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].vc, idx), dst_v));
+    }
 }
 
 ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,

@@ -49,11 +49,26 @@ struct RecycleInputs {
 
 void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks);
 
-// Refresh at layer il: top-k cells per KV head of the fresh (last) query row, copied into the
-// recycled cache with the fresh token's K/V as tail row 0; the query is kept for similarity checks.
-void build_refresh(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
-                   ggml_tensor * kc, ggml_tensor * vc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
-                   ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale);
+// Refresh, per layer: writes the fresh token's K/V as tail row 0 and keeps its query for similarity
+// checks; returns the layer's token scores [n_kv, Hkv] (top-k mode: softmax of the one query, max over
+// the query heads of each KV head, plus the candidate bias) or null (sinks + window mode).
+ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
+                                  ggml_tensor * kc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
+                                  ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale);
+
+// A refreshed layer's cache views and scores, kept until the end of the graph.
+struct RefreshLayer {
+    int il;
+    ggml_tensor * kc;     // [D, n_kv, Hkv] view of the stage cache
+    ggml_tensor * vc;
+    ggml_tensor * score;  // [n_kv, Hkv] or null
+};
+
+// Refresh, after the last layer: the top-k cells per (layer, KV head) in ONE sort over all layers'
+// scores (ggml's CUDA top_k runs one CUB call per row: 8 rows x 32 layers cost ~30 ms at 64K), then
+// per layer get_rows of those cells into the recycled cache.
+void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
+                          const RecycleInputs & in);
 
 // Attention of a recycled step at layer il over the recycled cache; k_fresh/v_fresh [D, Hkv, 1].
 ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
