@@ -15,6 +15,9 @@ import numpy as np
 
 from . import _native as N
 from .errors import ContextOverflowError, ModelLoadError, PylazyError
+from .gguf_check import check_gguf
+
+SUPPORTED_ARCHS = ("llama",)
 
 
 def _raise_for(code: int, what: str) -> None:
@@ -72,6 +75,9 @@ class Model:
             raise ModelLoadError(f"model file not found: {path!r}")
         self.path = path
         self._h = ctypes.c_void_p()
+        # Every header field, tensor extent and vocabulary entry is checked in Python first: ggml's
+        # and libllama's loaders abort the process on some malformed files.
+        self.gguf = check_gguf(path, supported_archs=SUPPORTED_ARCHS)
         params = N.ModelParams(int(n_gpu_layers), int(n_threads or default_threads()))
         _raise_for(N.lib.plz_model_load(path.encode(), ctypes.byref(params), ctypes.byref(self._h)),
                    f"cannot load {path!r}")

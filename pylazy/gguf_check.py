@@ -659,7 +659,12 @@ def _load_and_run(path: str) -> str:
             llm.close()
     except Exception as e:
         raise ModelLoadError(f"llama_cpp rejected the file: {type(e).__name__}: {e}") from None
-    return f"libllama tokenized {len(text)} chars to {len(ids)} tokens, {len(back)} bytes back"
+    # The engine: load the weights and run a few tokens through every layer.
+    from .engine import Context, Model
+    with Model(str(path), n_gpu_layers=0, n_threads=1) as model, Context(model, n_ctx=64) as ctx:
+        logits = ctx.eval([min(t, model.info.n_vocab - 1) for t in ids[:4]])
+    return (f"libllama tokenized {len(text)} chars to {len(ids)} tokens, {len(back)} bytes back; "
+            f"engine ran {min(4, len(ids))} tokens, logits {logits.shape}")
 
 
 def run_cli(path: str, load: bool = False) -> tuple[int, str]:

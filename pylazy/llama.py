@@ -157,15 +157,17 @@ class Llama:
         from llama_cpp._utils import suppress_stdout_stderr
         from .llama_ref import reference_llama  # imports llama_cpp: keep `import pylazy` light
         t0 = time.perf_counter()
+        # The engine first: Model validates the whole file (pylazy.gguf_check) before any native
+        # code reads it, libllama's tokenizer load included (libllama aborts on some bad files).
+        # llama-cpp-python's default threads: half the logical cores (one per physical core). All
+        # of them lets one busy core stall every step of the engine's thread pool.
+        n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
+        self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
         # The tokenizer and chat templates: llama.cpp's, from a weightless load of the file.
         # Quiet unless verbose: its context warns "n_ctx_seq > n_ctx_train (0)" on stderr.
         with suppress_stdout_stderr(disable=self.verbose):
             self._vocab = reference_llama(self.model_path, vocab_only=True, verbose=False,
                                           chat_format=chat_format, chat_handler=chat_handler)
-        # llama-cpp-python's default: half the logical cores (one per physical core). All
-        # of them lets one busy core stall every step of the engine's thread pool.
-        n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-        self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
         info = self._model.info
         if info.n_vocab != self._vocab.n_vocab():
             raise ModelLoadError(f"engine vocab {info.n_vocab} != tokenizer vocab {self._vocab.n_vocab()}")

@@ -220,12 +220,15 @@ def test_prefix_reuse_and_state_round_trip(llm, greedy):
 
 
 def test_policies_per_call_and_defaults(llm, greedy):
-    # The engine does not prune or recycle yet: full attention, so the same text.
-    out = llm(PROMPTS[0], max_tokens=32, temperature=0, lazy=LazyPrefill(),
-              recycle=Recycle(k=64, stride=4))
+    # Per-call policies reach the engine: pruning shows in computed_fraction, recycling in the step counts.
+    llm(PROMPTS[0], max_tokens=16, temperature=0, lazy=LazyPrefill(layers=(0.5,), keep=(0.5,)),
+        recycle=Recycle(k=4, stride=4))
+    assert llm.stats["computed_fraction"] < 0.9
+    assert llm.stats["recycled_steps"] > 0 and llm.stats["recycle_k"] == 4
+    # A window larger than the whole text keeps every token: exactly full attention.
+    out = llm(PROMPTS[0], max_tokens=32, temperature=0, recycle=StreamingWindow(sinks=4, window=4096))
     assert text(out) == text(greedy[0][1])
-    out = llm(PROMPTS[0], max_tokens=8, temperature=0, recycle=StreamingWindow())
-    assert text(greedy[0][1]).startswith(text(out))
+    assert llm.stats["computed_fraction"] == 1.0 and llm.stats["recycled_steps"] > 0
 
 
 def test_seeded_sampling_is_reproducible(llm):

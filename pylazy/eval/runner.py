@@ -81,15 +81,28 @@ class LlamaCppRunner:
             ref.close()
 
 
-def open_runner(model_path: str, n_ctx: int, backend: str, policy: dict):
+def open_runner(model_path: str, n_ctx: int, backend: str, policy: dict,
+                n_threads: Optional[int] = None):
+    extra = {} if n_threads is None else {"n_threads": n_threads}
     if backend == "llama_cpp":
-        return LlamaCppRunner(model_path, n_ctx, **policy)
+        return LlamaCppRunner(model_path, n_ctx, **extra, **policy)
     if backend == "pylazy":
         import pylazy
-        if not hasattr(pylazy, "Llama"):
-            raise RuntimeError("pylazy.Llama is not available yet; use backend='llama_cpp'")
-        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, **policy)
+        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **extra, **policy)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+CALL_POLICY_KEYS = ("lazy", "recycle")   # pylazy.Llama takes these per call as well
+
+
+def policy_for(policy, length: int) -> dict:
+    """A policy is a dict, or a callable context_len -> dict (e.g. Recycle k = L // 8)."""
+    return dict(policy(length) if callable(policy) else policy)
+
+
+def shares_prefill(kwargs: dict) -> bool:
+    """Full-attention prefill: the KV cache of the same prompt serves all such policies."""
+    return kwargs.get("lazy") is None
 
 
 def vocab_tokenizer(model_path: str) -> Callable[[str], list]:
@@ -99,17 +112,24 @@ def vocab_tokenizer(model_path: str) -> Callable[[str], list]:
     return lambda s: vocab.tokenize(s.encode("utf-8"), add_bos=True)
 
 
-def generate(runner, task: Task, chat: bool = False) -> dict:
-    """Greedy completion of one task: output text, TTFT, decode speed and the runner's stats."""
-    if hasattr(runner, "reset"):
+def generate(runner, task: Task, chat: bool = False, reset: bool = True,
+             call_kwargs: Optional[dict] = None) -> dict:
+    """Greedy completion of one task: output text, TTFT, decode speed and the runner's stats.
+
+    reset=False keeps the runner's KV cache (a prompt prefilled by the previous call is
+    reused); call_kwargs go to the completion call (pylazy's per-call lazy=/recycle=)."""
+    if reset and hasattr(runner, "reset"):
         runner.reset()   # no KV reuse between prompts: TTFT is a full prefill
+    call_kwargs = call_kwargs or {}
     t0 = time.perf_counter()
     if chat:
         stream = runner.create_chat_completion(messages=task.chat_messages, stream=True,
-                                               max_tokens=task.max_new_tokens, temperature=0.0)
+                                               max_tokens=task.max_new_tokens, temperature=0.0,
+                                               **call_kwargs)
     else:
         stream = runner.create_completion(task.prompt, stream=True,
-                                          max_tokens=task.max_new_tokens, temperature=0.0)
+                                          max_tokens=task.max_new_tokens, temperature=0.0,
+                                          **call_kwargs)
     first, pieces, n_chunks = None, [], 0
     for chunk in stream:
         choice = chunk["choices"][0]
@@ -184,12 +204,17 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               progress: bool = True, out_dir: str = "out/eval", backend: str = "pylazy",
               chat: bool = False, n_samples: int = 1, ppl_tokens: int = 2048,
               runner_factory: Optional[Callable] = None, tokenize: Optional[Callable] = None,
-              make_plots: bool = True) -> dict:
+              make_plots: bool = True, n_threads: Optional[int] = None,
+              share_runner: Optional[bool] = None) -> dict:
     """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
 
+    A policy is a kwargs dict or a callable context_len -> dict. Loops run task-major,
+    policy-minor. share_runner (default: backend pylazy without runner_factory): one runner
+    for every policy made only of lazy=/recycle=, passed per call; the full-attention-prefill
+    policies run back to back on each prompt so they share one prefill (llama.cpp-style
+    prefix reuse), and their ttft_s is that shared prefill's time (marked ttft_shared).
     quick: at most two depths (the first and last given), one sample, perplexity over
-    <= 512 tokens -- about two minutes for all five tasks at 1K tokens on the default model.
-    runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner (tests use fakes).
+    <= 512 tokens. runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner.
     """
     if model_path is None:
         from ..models import default_model_path
@@ -201,59 +226,105 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     for spec in tasks:
         parse_spec(spec)
     tokenize = tokenize or vocab_tokenizer(model_path)
-    factory = runner_factory or (lambda p, n, kw: open_runner(p, n, backend, kw))
+    factory = runner_factory or (lambda p, n, kw: open_runner(p, n, backend, kw, n_threads))
+    if share_runner is None:
+        share_runner = backend == "pylazy" and runner_factory is None
     suite = make_tasks(tasks, lengths, depths, seed, tokenize, n_samples)
     n_ctx = max(lengths) + max(t.max_new_tokens for t in suite) + (256 if chat else 16)
     ppl_lens = sorted({min(n, ppl_tokens) for n in lengths})
     ppl_ids = natural_text_tokens(tokenize, max(ppl_lens)) if ppl_tokens > 0 else []
+
+    def is_shared(pname, length):
+        return share_runner and set(policy_for(policies[pname], length)) <= set(CALL_POLICY_KEYS)
+
+    runners: dict = {}   # policy name (or "" for the shared runner) -> runner
+
+    def runner_for(pname, length):
+        key = "" if is_shared(pname, length) else pname
+        if key not in runners:
+            runners[key] = factory(model_path, n_ctx, {} if key == "" else policy_for(policies[pname], length))
+        return runners[key]
+
     bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(policies) * (len(suite) + len(ppl_lens) * bool(ppl_ids)),
                    unit="run", file=sys.stderr)
-    records, ppl_records = [], []
-    for pname, kwargs in policies.items():
-        runner = factory(model_path, n_ctx, kwargs)
-        runs = defaultdict(list)
-        for task in suite:
+    runs = defaultdict(list)    # (policy, spec, length) -> instance records
+    for task in suite:
+        L = task.context_len
+        # full-attention-prefill policies first, back to back: one prefill for all of them
+        order = sorted(policies, key=lambda p: not (is_shared(p, L) and shares_prefill(policy_for(policies[p], L))))
+        shared_prefill = None   # (policy name, prefill_s) of this prompt's full prefill
+        for pname in order:
+            kwargs = policy_for(policies[pname], L)
+            shared = is_shared(pname, L)
+            runner = runner_for(pname, L)
+            reuse = shared and shares_prefill(kwargs) and shared_prefill is not None
             if bar:
-                bar.set_description(f"{pname} {task.spec} {task.context_len}")
-            g = generate(runner, task, chat)
-            runs[(task.spec, task.context_len)].append({
+                bar.set_description(f"{pname} {task.spec} {L}")
+            g = generate(runner, task, chat, reset=not reuse,
+                         call_kwargs={k: kwargs.get(k) for k in CALL_POLICY_KEYS} if shared else None)
+            st = g["stats"]
+            g["ttft_measured_s"] = g["ttft_s"]
+            if "prefill_s" in st:   # the engine's own prefill time: no sampling, no streaming
+                g["ttft_s"] = st["prefill_s"]
+            if reuse:
+                g["ttft_s"], g["ttft_shared"] = shared_prefill[1], shared_prefill[0]
+            elif shared and shares_prefill(kwargs):
+                shared_prefill = (pname, g["ttft_s"])
+            runs[(pname, task.spec, L)].append({
                 "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
-                "prompt_tokens": g["stats"].get("prompt_tokens", task.n_tokens),
+                "prompt_tokens": st.get("prompt_tokens", task.n_tokens),
                 "answers": task.answers, **g})
             if bar:
                 bar.update()
-        for (spec, n), rs in runs.items():
-            records.append(_aggregate(spec, pname, n, rs))
+    records = [_aggregate(spec, pname, n, rs) for pname in policies
+               for (pp, spec, n), rs in runs.items() if pp == pname]
+    ppl_records = []
+    for pname in policies:
         for n in ppl_lens if ppl_ids else []:
             if bar:
                 bar.set_description(f"{pname} perplexity {n}")
             t0 = time.perf_counter()
-            ppl = perplexity(runner, ppl_ids[:n])
+            runner = runner_for(pname, n)
+            ppl = None if is_shared(pname, n) and policy_for(policies[pname], n) else \
+                perplexity(runner, ppl_ids[:n])   # teacher forcing runs full attention only
             ppl_records.append({"policy": pname, "tokens": n, "ppl": ppl,
                                 "seconds": time.perf_counter() - t0})
             if bar:
                 bar.update()
+    for runner in runners.values():
         if hasattr(runner, "close"):
             runner.close()
     if bar:
         bar.close()
     results = {"config": {"model": model_path, "backend": backend, "policies": {
-                   k: {kk: repr(vv) for kk, vv in v.items()} for k, v in policies.items()},
+                   k: _describe_policy(v, lengths) for k, v in policies.items()},
                    "lengths": list(lengths), "tasks": list(tasks), "depths": list(depths),
-                   "seed": seed, "quick": quick, "chat": chat, "n_samples": n_samples},
+                   "seed": seed, "quick": quick, "chat": chat, "n_samples": n_samples,
+                   "n_threads": n_threads, "shared_prefill": bool(share_runner),
+                   "ttft_note": "ttft_s = the engine's prefill_s where it reports one (else time to "
+                                "the first streamed text); policies with ttft_shared reused the "
+                                "named policy's full-attention prefill of the same prompt and "
+                                "report its time"},
                "records": records, "perplexity": ppl_records}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump(results, f, indent=1, default=repr)
     print(format_table(results))
     if make_plots:
         from .plots import plot_all
         for path in plot_all(results, out_dir):
             print("wrote", path)
     return results
+
+
+def _describe_policy(policy, lengths) -> dict:
+    """kwargs reprs; a callable policy by length (not empty: plots take {} as the baseline)."""
+    if callable(policy):
+        return {"per_length": {str(n): {k: repr(v) for k, v in policy(n).items()} for n in lengths}}
+    return {k: repr(v) for k, v in policy.items()}
 
 
 def format_table(results: dict) -> str:
@@ -283,8 +354,8 @@ def _fmt(x, spec):
 
 
 def _parse_policies(items: Sequence[str]) -> dict:
-    """NAME=EXPR, EXPR a Python dict expression evaluated with pylazy imported (a dev tool:
-    the command line is trusted)."""
+    """NAME=EXPR, EXPR a Python dict expression (or `lambda L: {...}` of the context length)
+    evaluated with pylazy's names imported (a dev tool: the command line is trusted)."""
     if not items:
         return {"full": {}}
     env = {}
@@ -297,30 +368,42 @@ def _parse_policies(items: Sequence[str]) -> dict:
     for item in items:
         name, _, expr = item.partition("=")
         out[name] = eval(expr, env) if expr else {}
-        if not isinstance(out[name], dict):
-            raise SystemExit(f"policy {name}: {expr!r} is not a dict")
+        if not (isinstance(out[name], dict) or callable(out[name])):
+            raise SystemExit(f"policy {name}: {expr!r} is neither a dict nor a callable L -> dict")
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=None, help="GGUF path (default: the default model)")
     ap.add_argument("--backend", default="pylazy", choices=["pylazy", "llama_cpp"])
-    ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT")
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT",
+                    help="e.g. lazy='{\"lazy\": LazyPrefill()}' or rk='lambda L: {\"recycle\": Recycle(k=L // 8)}'")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
     ap.add_argument("--tasks", nargs="+", default=list(FAMILIES))
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--ppl-tokens", type=int, default=2048)
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="0 = no perplexity")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
+    ap.add_argument("--no-share", action="store_true",
+                    help="one runner per policy, fresh prefill every call (no shared full prefill)")
     ap.add_argument("--chat", action="store_true", help="use the model's chat template")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="out/eval")
-    a = ap.parse_args(argv)
-    run_suite(a.model, _parse_policies(a.policy), a.lengths, a.tasks, a.depths, a.seed,
-              quick=a.quick, progress=not a.no_progress, out_dir=a.out, backend=a.backend,
-              chat=a.chat, n_samples=a.samples, ppl_tokens=a.ppl_tokens)
+
+
+def run_from_args(a: argparse.Namespace) -> dict:
+    return run_suite(a.model, _parse_policies(a.policy), a.lengths, a.tasks, a.depths, a.seed,
+                     quick=a.quick, progress=not a.no_progress, out_dir=a.out, backend=a.backend,
+                     chat=a.chat, n_samples=a.samples, ppl_tokens=a.ppl_tokens,
+                     n_threads=a.threads, share_runner=False if a.no_share else None)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    run_from_args(ap.parse_args(argv))
 
 
 if __name__ == "__main__":
