@@ -348,14 +348,16 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     const int n_kv = std::min(pad_to(st.n_cells, KV_PAD), st.capacity);
 
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
-    std::vector<ggml_fp16_t> mask((size_t) n_kv * n, ninf);
-    if (b.attend_all && st.sorted) {
+    // A recycled step attends to the recycled cache only: the stage mask would go unused.
+    const bool stage_mask = !(b.kind == StepKind::Recycled && !c.rec.stage_all[b.stage]);
+    std::vector<ggml_fp16_t> mask(stage_mask ? (size_t) n_kv * n : 0, ninf);
+    if (stage_mask && b.attend_all && st.sorted) {
         // Causal over position-ordered cells: row i sees a prefix of them (the prefill hot path).
         for (int i = 0; i < n; ++i) {
             const int lim = (int) (std::upper_bound(st.cell_pos.begin(), st.cell_pos.end(), b.pos[i]) - st.cell_pos.begin());
             std::fill(mask.begin() + (size_t) i * n_kv, mask.begin() + (size_t) i * n_kv + lim, zero);
         }
-    } else {
+    } else if (stage_mask) {
         for (int i = 0; i < n; ++i) {
             for (int j = 0; j < st.n_cells; ++j) {
                 if (st.cell_pos[j] <= b.pos[i] && visible(i, st.cell_pos[j])) mask[(size_t) i * n_kv + j] = zero;

@@ -5,9 +5,35 @@
 """
 from __future__ import annotations
 
+import argparse
+
+from .tasks import FAMILIES   # stdlib only: the parser is built on every `pylazy` start
+
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default=None, help="GGUF path (default: the default model)")
+    ap.add_argument("--backend", default="pylazy", choices=["pylazy", "llama_cpp"])
+    ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT",
+                    help="e.g. lazy='{\"lazy\": LazyPrefill()}' or rk='lambda L: {\"recycle\": Recycle(k=L // 8)}'")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
+    ap.add_argument("--tasks", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--samples", type=int, default=1)
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="0 = no perplexity")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
+    ap.add_argument("--no-share", action="store_true",
+                    help="one runner per policy, fresh prefill every call (no shared full prefill)")
+    ap.add_argument("--chat", action="store_true", help="use the model's chat template")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default="out/eval")
+
+
 
 def register(subparsers) -> None:
-    from .runner import add_arguments   # argparse only: the heavy imports wait for the run
     p = subparsers.add_parser("eval", help="accuracy vs speed of attention policies on RULER-style tasks",
                               description="Run RULER-style tasks under several policies; writes "
                                           "OUT/results.json and PNG plots.")

@@ -4,9 +4,13 @@
     python -m pylazy.eval.runner --lengths 4096 8192 \
         --policy full='{}' --policy lazy='{"lazy": pylazy.LazyPrefill()}'
 
-A policy is a dict of keyword arguments for the Llama-like runner: `{}` is full attention; with
-backend "pylazy" they go unchanged to `pylazy.Llama(...)`; with backend "llama_cpp" (reference,
-full attention only) they must be llama_cpp.Llama arguments. The runner object needs the
+A policy is a dict of keyword arguments for the Llama-like runner (or a callable
+context_len -> dict, e.g. `lambda L: {"recycle": Recycle(k=L // 8)}`): `{}` is full attention.
+With backend "pylazy", policies made only of lazy=/recycle= share one pylazy.Llama and go to each
+completion call; per prompt the full-attention-prefill ones run back to back and share one
+prefill (its time is their TTFT, marked ttft_shared). Other keys open a pylazy.Llama of their
+own. With backend "llama_cpp" (reference, full attention only) they must be llama_cpp.Llama
+arguments. `pylazy eval` (pylazy/eval/cli.py) takes the same flags. The runner object needs the
 llama-cpp-python calls `create_completion(prompt, max_tokens=, temperature=, stream=True)`
 (or `create_chat_completion` with chat=True) and may have `reset()`, a `stats` dict (read after
 each completion and recorded), and `eval_logits(tokens) -> ndarray[n, vocab]` for perplexity
@@ -26,31 +30,17 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .cli import DEFAULT_DEPTHS
 from .haystack import natural_prefix
 from .scoring import score
 from .tasks import FAMILIES, Task, make_tasks, parse_spec
 
-DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def _open_llama_cpp(**kwargs):
-    """llama_cpp.Llama with CPU extra buffer types off: on AMX CPUs llama.cpp 0.3.36 repacks
-    Q4_1 weights into AMX buffers and can crash in llama_decode (see tests/conftest.py).
-    llama-cpp-python has no argument for it, so its default-params factory is wrapped."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as lib
-    original = lib.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    lib.llama_model_default_params = params
-    try:
-        return llama_cpp.Llama(verbose=False, **kwargs)
-    finally:
-        lib.llama_model_default_params = original
+    """llama_cpp.Llama with CPU extra buffer types off (AMX crash; see pylazy/llama_ref.py)."""
+    from ..llama_ref import reference_llama
+    return reference_llama(**kwargs)
 
 
 class LlamaCppRunner:
@@ -107,8 +97,7 @@ def shares_prefill(kwargs: dict) -> bool:
 
 def vocab_tokenizer(model_path: str) -> Callable[[str], list]:
     """str -> token ids as the model sees a prompt (BOS included where the model adds one)."""
-    import llama_cpp
-    vocab = llama_cpp.Llama(model_path=model_path, vocab_only=True, verbose=False)
+    vocab = _open_llama_cpp(model_path=model_path, vocab_only=True, verbose=False)
     return lambda s: vocab.tokenize(s.encode("utf-8"), add_bos=True)
 
 
@@ -373,26 +362,6 @@ def _parse_policies(items: Sequence[str]) -> dict:
     return out
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--model", default=None, help="GGUF path (default: the default model)")
-    ap.add_argument("--backend", default="pylazy", choices=["pylazy", "llama_cpp"])
-    ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT",
-                    help="e.g. lazy='{\"lazy\": LazyPrefill()}' or rk='lambda L: {\"recycle\": Recycle(k=L // 8)}'")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
-    ap.add_argument("--tasks", nargs="+", default=list(FAMILIES))
-    ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--ppl-tokens", type=int, default=2048, help="0 = no perplexity")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
-    ap.add_argument("--no-share", action="store_true",
-                    help="one runner per policy, fresh prefill every call (no shared full prefill)")
-    ap.add_argument("--chat", action="store_true", help="use the model's chat template")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--out", default="out/eval")
-
-
 def run_from_args(a: argparse.Namespace) -> dict:
     return run_suite(a.model, _parse_policies(a.policy), a.lengths, a.tasks, a.depths, a.seed,
                      quick=a.quick, progress=not a.no_progress, out_dir=a.out, backend=a.backend,
@@ -401,6 +370,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
 
 
 def main(argv=None):
+    from .cli import add_arguments
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(ap)
     run_from_args(ap.parse_args(argv))
