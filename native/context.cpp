@@ -243,7 +243,8 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     const int n = (int) b.rows.size();
     const bool last_stage = b.stage + 1 == (int) c.stages.size();
     Graph g;
-    ggml_init_params ip = { c.graph_meta.size(), c.graph_meta.data(), true };
+    std::vector<uint8_t> & meta = b.kind == StepKind::Refresh ? c.graph_meta_refresh : c.graph_meta;
+    ggml_init_params ip = { meta.size(), meta.data(), true };
     g.ctx.reset(ggml_init(ip));
     ggml_context * ctx0 = g.ctx.get();
     g.gf = ggml_new_graph_custom(ctx0, c.graph_size, false);
@@ -571,6 +572,7 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
 
     c->graph_size = std::max(4096, hp.n_layer * 256);  // a refresh step adds ~100 nodes per layer
     c->graph_meta.resize(ggml_tensor_overhead() * c->graph_size + ggml_graph_overhead_custom(c->graph_size, false));
+    c->graph_meta_refresh.resize(c->graph_meta.size());
     std::vector<ggml_backend_t> backends;
     if (model->backend_gpu) backends.push_back(model->backend_gpu);
     backends.push_back(model->backend_cpu);
