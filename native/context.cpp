@@ -60,13 +60,22 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     const int n = (int) x->ne[1], D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
     const float kq_scale = 1.0f / std::sqrt((float) D);
 
+    // Optional tensors (null when the arch/file has none) are skipped: llama, qwen2 (q/k/v biases)
+    // and qwen3 (per-head q/k RMSNorm) share this one graph.
+    auto bias = [&](ggml_tensor * t, ggml_tensor * b) { return b ? ggml_add(ctx0, t, b) : t; };
+    auto head_norm = [&](ggml_tensor * t, ggml_tensor * w) {  // t [D, heads, n]: normalises each head's D
+        return w ? ggml_mul(ctx0, ggml_rms_norm(ctx0, t, hp.rms_eps), w) : t;
+    };
     ggml_tensor * cur = ggml_mul(ctx0, ggml_rms_norm(ctx0, x, hp.rms_eps), L.attn_norm);
-    ggml_tensor * q = ggml_reshape_3d(ctx0, ggml_mul_mat(ctx0, L.wq, cur), D, H, n);
-    ggml_tensor * k = ggml_reshape_3d(ctx0, ggml_mul_mat(ctx0, L.wk, cur), D, Hkv, n);
-    ggml_tensor * v = ggml_mul_mat(ctx0, L.wv, cur);
-    q = ggml_rope_ext(ctx0, q, in.pos, nullptr, hp.rope_dim, hp.rope_mode, hp.n_ctx_train,
+    ggml_tensor * q = ggml_reshape_3d(ctx0, bias(ggml_mul_mat(ctx0, L.wq, cur), L.bq), D, H, n);
+    ggml_tensor * k = ggml_reshape_3d(ctx0, bias(ggml_mul_mat(ctx0, L.wk, cur), L.bk), D, Hkv, n);
+    ggml_tensor * v = bias(ggml_mul_mat(ctx0, L.wv, cur), L.bv);
+    q = head_norm(q, L.q_norm);
+    k = head_norm(k, L.k_norm);
+    // m.rope_freqs (llama3 scaling) divides each rotation frequency; null leaves them as they are.
+    q = ggml_rope_ext(ctx0, q, in.pos, m.rope_freqs, hp.rope_dim, hp.rope_mode, hp.n_ctx_train,
                       hp.rope_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
-    k = ggml_rope_ext(ctx0, k, in.pos, nullptr, hp.rope_dim, hp.rope_mode, hp.n_ctx_train,
+    k = ggml_rope_ext(ctx0, k, in.pos, m.rope_freqs, hp.rope_dim, hp.rope_mode, hp.n_ctx_train,
                       hp.rope_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
 
     // Write this batch's K/V into its cells first; the attention below reads the cache after it.
@@ -106,11 +115,12 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
         ggml_prec_set_acc(attn, GGML_PREC_F32);
     }
     attn = ggml_reshape_2d(ctx0, attn, D * H, n);
-    x = ggml_add(ctx0, x, ggml_mul_mat(ctx0, L.wo, attn));
+    x = ggml_add(ctx0, x, bias(ggml_mul_mat(ctx0, L.wo, attn), L.bo));
 
     cur = ggml_mul(ctx0, ggml_rms_norm(ctx0, x, hp.rms_eps), L.ffn_norm);
-    cur = ggml_swiglu_split(ctx0, ggml_mul_mat(ctx0, L.ffn_gate, cur), ggml_mul_mat(ctx0, L.ffn_up, cur));
-    return ggml_add(ctx0, x, ggml_mul_mat(ctx0, L.ffn_down, cur));
+    cur = ggml_swiglu_split(ctx0, bias(ggml_mul_mat(ctx0, L.ffn_gate, cur), L.b_gate),
+                            bias(ggml_mul_mat(ctx0, L.ffn_up, cur), L.b_up));
+    return ggml_add(ctx0, x, bias(ggml_mul_mat(ctx0, L.ffn_down, cur), L.b_down));
 }
 
 ggml_tensor * build_logits(ggml_context * ctx0, const Model & m, ggml_tensor * x) {

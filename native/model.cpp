@@ -99,13 +99,24 @@ Hparams read_hparams(const GgufReader & r, const ggml_context * meta) {
         throw load_error("metadata 'attention.head_count_kv' = " + std::to_string(hp.n_head_kv) +
                          " must divide attention.head_count = " + std::to_string(hp.n_head));
     }
-    if (hp.n_embd % hp.n_head != 0) {
-        throw load_error("metadata 'attention.head_count' = " + std::to_string(hp.n_head) +
-                         " must divide embedding_length = " + std::to_string(hp.n_embd));
+    // Head size: attention.key_length when given (qwen3 files may have n_head * head_dim != n_embd),
+    // else n_embd / n_head. V heads must be as large: one D serves q, k and v below.
+    if (r.get_int(r.arch + ".attention.key_length", v)) {
+        if (v < 2 || v > 4096) throw load_error("metadata 'attention.key_length' = " + std::to_string(v) + " is invalid");
+        hp.head_dim = (int) v;
+    } else {
+        if (hp.n_embd % hp.n_head != 0) {
+            throw load_error("metadata 'attention.head_count' = " + std::to_string(hp.n_head) +
+                             " must divide embedding_length = " + std::to_string(hp.n_embd));
+        }
+        hp.head_dim = hp.n_embd / hp.n_head;
     }
-    hp.head_dim = hp.n_embd / hp.n_head;
-    if (r.get_int(r.arch + ".attention.key_length", v) && v != hp.head_dim) {
-        throw load_error("metadata 'attention.key_length' != embedding_length / head_count is not supported");
+    // value_length defaults to n_embd / n_head (as in llama.cpp), not to key_length.
+    const int64_t v_len = r.get_int(r.arch + ".attention.value_length", v) ? v
+                        : (hp.n_embd % hp.n_head == 0 ? hp.n_embd / hp.n_head : -1);
+    if (v_len != hp.head_dim) {
+        throw load_error("metadata 'attention.value_length' = " + std::to_string(v_len) +
+                         " != key head size " + std::to_string(hp.head_dim) + " is not supported");
     }
     if (hp.head_dim % 2 != 0) throw load_error("head dimension must be even for RoPE");
     hp.rope_dim = hp.head_dim;
@@ -131,7 +142,8 @@ Hparams read_hparams(const GgufReader & r, const ggml_context * meta) {
     const ggml_tensor * emb = ggml_get_tensor(const_cast<ggml_context *>(meta), "token_embd.weight");
     if (!emb) throw load_error("missing tensor 'token_embd.weight'");
     hp.n_vocab = (int) emb->ne[1];
-    hp.rope_mode = GGML_ROPE_TYPE_NORMAL;
+    // llama rotates adjacent pairs; qwen2/qwen3 rotate dimension i with i + rope_dim/2 (NEOX).
+    hp.rope_mode = hp.arch == "llama" ? GGML_ROPE_TYPE_NORMAL : GGML_ROPE_TYPE_NEOX;
     return hp;
 }
 
@@ -160,7 +172,9 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     GgufReader r{g, ""};
     r.arch = r.get_str("general.architecture");
     if (r.arch.empty()) throw load_error("missing metadata 'general.architecture'");
-    if (r.arch != "llama") throw load_error("unsupported architecture '" + r.arch + "' (supported: llama)");
+    if (r.arch != "llama" && r.arch != "qwen2" && r.arch != "qwen3") {
+        throw load_error("unsupported architecture '" + r.arch + "' (supported: llama, qwen2, qwen3)");
+    }
 
     std::unique_ptr<Model> m(new Model());
     m->hp = read_hparams(r, meta);
@@ -192,23 +206,37 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
         plan.push_back({t, dst, on_cpu});
         return true;
     };
-    const int E = hp.n_embd, D = hp.head_dim;
+    const int E = hp.n_embd, D = hp.head_dim, QD = D * hp.n_head, KVD = D * hp.n_head_kv;
     want("token_embd.weight", {E, hp.n_vocab}, &m->tok_embd, true);
     want("output_norm.weight", {E}, &m->output_norm, false);
     m->tied_output = !want("output.weight", {E, hp.n_vocab}, &m->output, false, false);
+    want("rope_freqs.weight", {hp.rope_dim / 2}, &m->rope_freqs, false, false);
+    const bool qk_norm = hp.arch == "qwen3";
     m->layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         LayerWeights & L = m->layers[il];
         std::string p = "blk." + std::to_string(il) + ".";
         want(p + "attn_norm.weight", {E}, &L.attn_norm, false);
-        want(p + "attn_q.weight", {E, D * hp.n_head}, &L.wq, false);
-        want(p + "attn_k.weight", {E, D * hp.n_head_kv}, &L.wk, false);
-        want(p + "attn_v.weight", {E, D * hp.n_head_kv}, &L.wv, false);
-        want(p + "attn_output.weight", {D * hp.n_head, E}, &L.wo, false);
+        want(p + "attn_q.weight", {E, QD}, &L.wq, false);
+        want(p + "attn_k.weight", {E, KVD}, &L.wk, false);
+        want(p + "attn_v.weight", {E, KVD}, &L.wv, false);
+        want(p + "attn_output.weight", {QD, E}, &L.wo, false);
         want(p + "ffn_norm.weight", {E}, &L.ffn_norm, false);
         want(p + "ffn_gate.weight", {E, hp.n_ff}, &L.ffn_gate, false);
         want(p + "ffn_up.weight", {E, hp.n_ff}, &L.ffn_up, false);
         want(p + "ffn_down.weight", {hp.n_ff, E}, &L.ffn_down, false);
+        // Biases are optional in every arch (llama.cpp loads them when present; qwen2 files have q/k/v).
+        want(p + "attn_q.bias", {QD}, &L.bq, false, false);
+        want(p + "attn_k.bias", {KVD}, &L.bk, false, false);
+        want(p + "attn_v.bias", {KVD}, &L.bv, false, false);
+        want(p + "attn_output.bias", {E}, &L.bo, false, false);
+        want(p + "ffn_gate.bias", {hp.n_ff}, &L.b_gate, false, false);
+        want(p + "ffn_up.bias", {hp.n_ff}, &L.b_up, false, false);
+        want(p + "ffn_down.bias", {E}, &L.b_down, false, false);
+        if (qk_norm) {
+            want(p + "attn_q_norm.weight", {D}, &L.q_norm, false);
+            want(p + "attn_k_norm.weight", {D}, &L.k_norm, false);
+        }
     }
     for (const auto & tp : plan) {
         if (ggml_n_dims(tp.meta) == 1 && tp.meta->type != GGML_TYPE_F32) {

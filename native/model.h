@@ -21,7 +21,7 @@ struct Hparams {
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     int n_ctx_train = 0, rope_dim = 0;
     float rms_eps = 1e-5f, rope_base = 10000.0f, rope_freq_scale = 1.0f;
-    int rope_mode = 0;  // GGML_ROPE_TYPE_NORMAL for llama (adjacent pairs)
+    int rope_mode = 0;  // GGML_ROPE_TYPE_NORMAL for llama (adjacent pairs), NEOX for qwen2/qwen3 (halves)
 };
 
 struct LayerWeights {
@@ -29,6 +29,11 @@ struct LayerWeights {
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
     ggml_tensor * ffn_norm = nullptr;
     ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+    // Optional, null when the file has none: biases (qwen2 has q/k/v ones) and qwen3's per-head
+    // RMSNorm weights of q and k [head_dim], applied before RoPE.
+    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;
+    ggml_tensor * b_gate = nullptr, * b_up = nullptr, * b_down = nullptr;
+    ggml_tensor * q_norm = nullptr, * k_norm = nullptr;
 };
 
 struct Model {
@@ -37,6 +42,7 @@ struct Model {
     ggml_tensor * tok_embd = nullptr;     // always in a CPU buffer: get_rows of quantized rows runs there
     ggml_tensor * output_norm = nullptr;
     ggml_tensor * output = nullptr;       // a copy of tok_embd on the compute device when tied
+    ggml_tensor * rope_freqs = nullptr;   // llama3-style per-frequency RoPE divisors [rope_dim/2], optional
     bool tied_output = false;
 
     ggml_backend_t backend_gpu = nullptr; // null: CPU only

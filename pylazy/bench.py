@@ -194,18 +194,23 @@ def _full_setup(eng: Engines, options: dict):
     return make_stride_policy(None)
 
 
+def _recycled_setup(eng: Engines, options: dict):
+    """Recycled attention with K = depth / 8 (at least 64) and stride 16 unless options say otherwise."""
+    from .policy import Recycle, make_stride_policy
+    k = int(options.get("k") or max(64, options.get("depth", 0) // 8))
+    stride = int(options.get("stride", 16))
+    eng.ctx.set_recycle(1, k, stride, 0)
+    policy = make_stride_policy(Recycle(k=k, stride=stride))
+    policy.recycle_k = k
+    return policy
+
+
 # name -> setup(engines, options) -> a StridePolicy (pylazy.policy) asked "full" or "recycled" per step.
-# HOOK (recycled attention): add "recycled" here once the engine has it: its setup calls
-# eng.ctx.set_recycle(k, ...) from options (k, stride) and returns make_stride_policy(Recycle(...));
-# then make _pylazy_step run a "recycled" step with the engine's per-step kind.
-DECODE_POLICIES: Dict[str, Callable[[Engines, dict], object]] = {"full": _full_setup}
+DECODE_POLICIES: Dict[str, Callable[[Engines, dict], object]] = {"full": _full_setup, "recycled": _recycled_setup}
 
 
 def _pylazy_step(eng: Engines, tok: int, step) -> "object":
-    if step.kind == "full":
-        return eng.ctx.eval([tok])[0]
-    # HOOK (recycled attention): the engine's recycled step goes here.
-    raise NotImplementedError(f"decode step kind {step.kind!r} is not wired into the benchmark yet")
+    return eng.ctx.decode(tok, recycled=step.kind == "recycled")[0]
 
 
 def pylazy_decode(eng: Engines, policy, prefix: Sequence[int], first: int, n_steps: int) -> Tuple[float, List[int]]:
@@ -263,9 +268,9 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
     (the first is the same text token for both; later ones are each engine's greedy pick)."""
     if policy not in DECODE_POLICIES:
         raise ValueError(f"decode policy {policy!r} not available (have: {', '.join(DECODE_POLICIES)})")
-    stride = DECODE_POLICIES[policy](eng, options or {})
     rows = []
     for depth in depths:
+        stride = DECODE_POLICIES[policy](eng, dict(options or {}, depth=depth))
         tick(f"decode {policy} @{depth}")
         prefix, first = tokens[:depth], tokens[depth]
         runs = _repeats(depth, repeat)
@@ -286,7 +291,7 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
             if a != b:
                 break
             agree += 1
-        rows.append({"policy": policy, "depth": depth, "steps": n_steps, "runs": runs,
+        rows.append({"policy": policy + (f" K={stride.recycle_k} S=16" if policy == "recycled" else ""), "depth": depth, "steps": n_steps, "runs": runs,
                      "pylazy_tok_s": n_steps / t_plz, "llama_cpp_tok_s": n_steps / t_ref,
                      "ratio": t_ref / t_plz, "greedy_agree": agree, "run_seconds": seconds, "load": _load()})
     return rows
@@ -459,7 +464,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         if "prefill" in plan.rows:
             result["prefill"] = prefill_rows(eng, tokens, plan.prefill, repeat, tick)
         if "decode" in plan.rows:
-            result["decode"] = decode_rows("full", eng, tokens, plan.depths, args.decode_steps, repeat, tick)
+            result["decode"] = [row for policy in ("full", "recycled")
+                                for row in decode_rows(policy, eng, tokens, plan.depths, args.decode_steps, repeat, tick)]
+            eng.ctx.set_recycle(0)
         if "ttft" in plan.rows:
             result["ttft"] = ttft_rows(eng, tokens, plan.ttft, plan.lazies, repeat, tick)
         bar.update(bar.total - bar.n)

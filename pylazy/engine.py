@@ -17,7 +17,7 @@ from . import _native as N
 from .errors import ContextOverflowError, ModelLoadError, PylazyError
 from .gguf_check import check_gguf
 
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 
 
 def _raise_for(code: int, what: str) -> None:

@@ -430,11 +430,15 @@ def _check_hparams(info: GGUFInfo) -> dict[str, Any]:
         raise ModelLoadError(f"{a}.block_count: {n_layer} not in [1, {MAX_LAYERS}]")
     if n_embd < 1 or n_ff < 1:
         raise ModelLoadError(f"{a}.embedding_length / feed_forward_length: must be >= 1 ({n_embd}, {n_ff})")
-    if n_head < 1 or n_embd % n_head:
+    # head size: attention.key_length when present (qwen3 may have n_head * head_dim != n_embd)
+    key_length = _get(info, f"{a}.attention.key_length", "u32", None, required=False)
+    if n_head < 1 or (key_length is None and n_embd % n_head):
         raise ModelLoadError(f"{a}.attention.head_count: {n_head} does not divide embedding_length {n_embd}")
     if n_head_kv < 1 or n_head % n_head_kv:
         raise ModelLoadError(f"{a}.attention.head_count_kv: {n_head_kv} does not divide head_count {n_head}")
-    head_dim = n_embd // n_head
+    head_dim = n_embd // n_head if key_length is None else key_length
+    if not 2 <= head_dim <= 4096:
+        raise ModelLoadError(f"{a}.attention.key_length: head size {head_dim} not in [2, 4096]")
     if head_dim % 2:
         raise ModelLoadError(f"{a}.attention.head_count: head dim {head_dim} is odd (RoPE needs pairs)")
     if not (math.isfinite(eps) and eps > 0):
@@ -443,11 +447,14 @@ def _check_hparams(info: GGUFInfo) -> dict[str, Any]:
         raise ModelLoadError(f"{a}.rope.freq_base: {freq_base} must be finite and > 0")
     if not 1 <= n_ctx <= MAX_CONTEXT:
         raise ModelLoadError(f"{a}.context_length: {n_ctx} not in [1, {MAX_CONTEXT}]")
-    # libllama's llama graph asserts head sizes and rotary dims equal n_embd / n_head
-    for k in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        v = _get(info, f"{a}.{k}", "u32", head_dim, required=False)
+    # libllama's llama/qwen2/qwen3 graphs assert value head size == key head size == rotary dims;
+    # its value_length defaults to n_embd / n_head (not to key_length), n_rot to key_length
+    for k, default in (("rope.dimension_count", head_dim),
+                       ("attention.value_length", n_embd // n_head if n_embd % n_head == 0 else None)):
+        v = _get(info, f"{a}.{k}", "u32", default, required=False)
         if v != head_dim:
-            raise ModelLoadError(f"{a}.{k}: {v}, must equal embedding_length / head_count = {head_dim}")
+            raise ModelLoadError(f"{a}.{k}: {v}, must equal the head size {head_dim} "
+                                 "(attention.key_length, else embedding_length / head_count)")
     scaling = _get(info, f"{a}.rope.scaling.type", "str", "linear", required=False)
     if scaling not in ROPE_SCALING_TYPES:
         raise ModelLoadError(f"{a}.rope.scaling.type: unknown '{scaling}'")
@@ -460,15 +467,16 @@ def _check_hparams(info: GGUFInfo) -> dict[str, Any]:
     nextn = _get(info, f"{a}.nextn_predict_layers", "u32", 0, required=False)
     if nextn > n_layer:
         raise ModelLoadError(f"{a}.nextn_predict_layers: {nextn} > block_count {n_layer}")
-    return dict(n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+    return dict(arch=a, n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
                 head_dim=head_dim, n_ctx_train=n_ctx, rms_eps=eps, rope_freq_base=freq_base,
                 n_rot=head_dim)
 
 
 def _llama_tensor_shapes(hp: dict[str, Any], n_vocab: int) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """name -> (shape, required) for every tensor libllama's llama graph may use."""
+    """name -> (shape, required) for every tensor libllama's llama/qwen2/qwen3 graph may use
+    (hp["arch"] picks the extras: qwen3's per-head q/k norms)."""
     e, f, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
-    kv = hd * hp["n_head_kv"]
+    kv, q = hd * hp["n_head_kv"], hd * hp["n_head"]
     shapes = {
         "token_embd.weight": ((e, n_vocab), True),
         "output_norm.weight": ((e,), True),
@@ -478,16 +486,19 @@ def _llama_tensor_shapes(hp: dict[str, Any], n_vocab: int) -> dict[str, tuple[tu
     for i in range(hp["n_layer"]):
         p = f"blk.{i}."
         shapes.update({
-            p + "attn_norm.weight": ((e,), True), p + "attn_q.weight": ((e, e), True),
+            p + "attn_norm.weight": ((e,), True), p + "attn_q.weight": ((e, q), True),
             p + "attn_k.weight": ((e, kv), True), p + "attn_v.weight": ((e, kv), True),
-            p + "attn_output.weight": ((e, e), True), p + "ffn_norm.weight": ((e,), True),
+            p + "attn_output.weight": ((q, e), True), p + "ffn_norm.weight": ((e,), True),
             p + "ffn_gate.weight": ((e, f), True), p + "ffn_down.weight": ((f, e), True),
             p + "ffn_up.weight": ((e, f), True),
-            p + "attn_q.bias": ((e,), False), p + "attn_k.bias": ((kv,), False),
+            p + "attn_q.bias": ((q,), False), p + "attn_k.bias": ((kv,), False),
             p + "attn_v.bias": ((kv,), False), p + "attn_output.bias": ((e,), False),
             p + "ffn_gate.bias": ((f,), False), p + "ffn_up.bias": ((f,), False),
             p + "ffn_down.bias": ((e,), False),
         })
+        if hp["arch"] == "qwen3":
+            shapes[p + "attn_q_norm.weight"] = ((hd,), True)
+            shapes[p + "attn_k_norm.weight"] = ((hd,), True)
     return shapes
 
 
@@ -638,7 +649,8 @@ def _check_llama(info: GGUFInfo, array) -> None:
     info.hparams = hp
 
 
-_ARCH_CHECKS = {"llama": _check_llama}
+# qwen2 (optional q/k/v biases, NEOX RoPE) and qwen3 (per-head q/k norms) are llama-shaped
+_ARCH_CHECKS = {"llama": _check_llama, "qwen2": _check_llama, "qwen3": _check_llama}
 
 
 # ---------------------------------------------------------------- CLI
