@@ -66,7 +66,26 @@ def _f32p(a: np.ndarray):
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
 
 
-class Model:
+class _Owned:
+    """A native handle freed exactly once: close(), the context manager, or (last resort) __del__."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Model(_Owned):
     """Weights of one GGUF file on the best backend (all layers on the GPU when there is one)."""
 
     def __init__(self, path: str, *, n_gpu_layers: int = -1, n_threads: Optional[int] = None):
@@ -102,20 +121,8 @@ class Model:
             N.lib.plz_model_free(self._h)
         self._h = None
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-
-class Context:
+class Context(_Owned):
     """A conversation's state: KV cache and position. eval() appends tokens and returns logits."""
 
     def __init__(self, model: Model, *, n_ctx: int = 0, n_ubatch: int = 512, n_threads: Optional[int] = None):
@@ -257,15 +264,3 @@ class Context:
             except ValueError:
                 pass
         self._h = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

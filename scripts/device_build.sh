@@ -192,20 +192,15 @@ if ((SMOKE)) && ! ((SKIP_MODEL)) && [[ -s $MODEL ]]; then
     # In a child process: a crash there still leaves this script's summary.
     if smoke=$("$PY" - "$MODEL" "$USE_CUDA" 2>"$WORK/smoke.err" <<'EOF'
 import sys, time
+import llama_cpp  # before numpy: the other order segfaults llama.cpp's model load there (docs/bench-gpu.md)
 import numpy as np
-import llama_cpp
+
+sys.path.insert(0, ".")  # the repo: pylazy.llama_ref turns llama.cpp's AMX buffers off on CPUs where they crash
+from pylazy.llama_ref import reference_llama
 
 path, use_cuda = sys.argv[1], sys.argv[2] == "1"
-if not use_cuda:  # CPU check runs: the AMX repack path crashed (SIGSEGV) on the dev VM
-    import llama_cpp.llama_cpp as C
-    _defaults = C.llama_model_default_params
-    def _no_repack():
-        p = _defaults()
-        p.use_extra_bufts = False
-        return p
-    C.llama_model_default_params = _no_repack
 t = time.perf_counter()
-llm = llama_cpp.Llama(model_path=path, n_ctx=1024, n_batch=512, n_gpu_layers=-1 if use_cuda else 0,
+llm = reference_llama(path, n_ctx=1024, n_batch=512, n_gpu_layers=-1 if use_cuda else 0,
                       flash_attn=use_cuda, logits_all=True, verbose=False)
 t_load = time.perf_counter() - t
 toks = llm.tokenize(b"The quick brown fox jumps over the lazy dog. " * 20)[:200]

@@ -55,3 +55,15 @@ def open_llama():
     """The open_llama_cpp function above, for tests that compare with llama.cpp."""
     pytest.importorskip("llama_cpp")
     return open_llama_cpp
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    """(engine Model, hparams, float weights) of the tiny model, for tests against tests/reference.py."""
+    from models.tiny import load_tiny_weights
+    from pylazy.engine import Model
+
+    hp, w = load_tiny_weights(tiny_model_path)
+    m = Model(tiny_model_path, n_threads=2)
+    yield m, hp, w
+    m.close()

@@ -3,20 +3,11 @@ forward of tests/reference.py for which tokens each pruning layer keeps and what
 import numpy as np
 import pytest
 
-from models.tiny import load_tiny_weights
 from pylazy.engine import Context, Model
 from pylazy.policy import LazyPrefill
 from tests import reference as R
 
 SCHEDULE = [(0, 0.7), (1, 0.5), (2, 0.3)]   # tiny model: 4 layers, one layer per stage
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    hp, w = load_tiny_weights(tiny_model_path)
-    m = Model(tiny_model_path, n_threads=2)
-    yield m, hp, w
-    m.close()
 
 
 def _prompt(n, seed=0):

@@ -5,17 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from models.tiny import load_tiny_weights
 from pylazy.engine import Context, Model
 from tests import reference as R
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_path):
-    hp, w = load_tiny_weights(tiny_model_path)
-    m = Model(tiny_model_path, n_threads=2)
-    yield m, hp, w
-    m.close()
 
 
 def _generate(model, prompt, n, *, mode=0, k=0, stride=1, n_ctx=512):
