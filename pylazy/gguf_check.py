@@ -24,8 +24,9 @@ llama-cpp-python 0.3.36) and the check here that keeps a file away from each:
   llama-model.cpp  load_hparams: GGML_ASSERT(0 < n_layer <= 512), expert-count asserts,
                    GGML_ASSERT(rope scaling type known), nextn layers <= n_layer
                    -> block_count range, no experts, rope.scaling.type in the known set
-  models/llama.cpp graph: GGML_ASSERT(n_embd_head == n_embd_head_k == n_rot)
-                   -> key_length/value_length/rope.dimension_count == n_embd / n_head
+  models/llama.cpp, qwen2.cpp, qwen3.cpp graphs: GGML_ASSERT(n_embd_head_v == n_embd_head_k == n_rot)
+                   -> value_length (default n_embd / n_head) and rope.dimension_count equal
+                   the head size (key_length, default n_embd / n_head)
   llama-model-loader.cpp load: GGML_ASSERT(ne[dim] >= 1) -> every dim >= 1
   gguf.cpp         (rejects, no abort) bad magic/version, counts, types, names >= 64
                    bytes, offsets not packed in order -> the same rules, with messages

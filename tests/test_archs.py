@@ -6,7 +6,6 @@ gives identical logits (max |diff| 0.0), so MAX_ABS_DIFF is a bound, not a toler
 K-quants: gguf.quants cannot quantize them, so llama.cpp's own quantizer writes a Q4_K_M file.
 """
 import ctypes
-import os
 
 import gguf
 import numpy as np
@@ -18,10 +17,9 @@ from pylazy.engine import Context, Model
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import check_gguf
 from pylazy.llama_ref import reference_llama
-from pylazy.policy import LazyPrefill
 
 MAX_ABS_DIFF = 1e-3   # measured 0.0 for every arch and weight type below
-THREADS = min(2, os.cpu_count() or 1)
+THREADS = 1   # tiny models: a second thread only adds barrier waits (very slow on busy cores)
 N_CTX = 256
 TOKENS = np.random.default_rng(0).integers(100, 40000, size=96).tolist()
 # Block quant types gguf.quants writes, beyond the ones models/tiny.py knows.
@@ -202,8 +200,8 @@ def test_unsupported_arch_and_type_raise(tmp_path):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_lazy_keep_all_equals_full_attention(tmp_path, arch):
     path = tiny.make_tiny_model(tmp_path / f"{arch}.gguf", arch=arch)   # 4 layers: one per stage
-    schedule = LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(1.0, 1.0, 1.0)).resolve(4)
-    assert len(schedule) == 3
+    # Set directly: LazyPrefill.resolve drops keep=1.0 entries as no-ops, which would test nothing.
+    schedule = [(0, 1.0), (1, 1.0), (2, 1.0)]
     prompt = np.random.default_rng(2).integers(100, 40000, size=150).tolist()
     outs = []
     with Model(path, n_threads=THREADS) as m:

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from pylazy.engine import Context, Model
-from pylazy.policy import LazyPrefill
 from tests import reference as R
 
 SCHEDULE = [(0, 0.7), (1, 0.5), (2, 0.3)]   # tiny model: 4 layers, one layer per stage
@@ -110,11 +109,13 @@ def test_revival_computes_from_aux_cache_once(tiny):
 def test_keep_all_equals_full_attention(default_model_path):
     m = Model(default_model_path, n_threads=2)
     text = list(range(1000, 1300))
-    schedule = LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(1.0, 1.0, 1.0)).resolve(m.info.n_layer)
+    # Straight to the engine: LazyPrefill.resolve drops entries that keep everything (they prune nothing).
+    schedule = [(7, 1.0), (14, 1.0), (22, 1.0)]
     outs = []
     for sched in ([], schedule):
         with Context(m, n_ctx=512, n_ubatch=64) as ctx:
             ctx.set_lazy(sched)
+            assert len(ctx.stages()) == len(sched) + 1
             seq = [ctx.eval(text)[0]]
             for _ in range(16):
                 seq.append(ctx.eval([int(seq[-1].argmax())])[0])

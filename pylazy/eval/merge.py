@@ -66,7 +66,10 @@ def main(argv=None) -> None:
         ref = merge([load(d) for d in a.reference])
         agree = agreement(results, ref, a.policy, next(iter(ref["config"]["policies"])))
         results["reference_agreement"] = {k: v for k, v in agree.items() if k != "instances"}
-        results["reference_agreement"]["reference_records"] = ref["records"]
+        results["reference_agreement"]["reference"] = [   # its outputs are in agreement.json
+            {k: r[k] for k in ("task", "policy", "context_len", "accuracy", "ttft_s", "decode_tok_s")}
+            for r in ref["records"]]
+        results["reference_agreement"]["reference_config"] = ref["config"]
         with open(os.path.join(a.out, "agreement.json"), "w") as f:
             json.dump(agree, f, indent=1)
         print(f"greedy outputs identical to the reference: {agree['identical']}/{agree['compared']}")
@@ -80,9 +83,6 @@ def main(argv=None) -> None:
         for path in plot_all(results, a.out):
             print("wrote", path)
 
-
-if __name__ == "__main__":
-    main()
 
 
 def markdown_table(results: dict) -> str:
@@ -108,3 +108,7 @@ def markdown_table(results: dict) -> str:
                    fmt(mean(num("decode_tok_s")), ".1f"), fmt(mean(stat("computed_fraction")), ".2f"),
                    fmt(None if kv is None else kv / 2 ** 20, ".1f")]) + " |")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
