@@ -92,7 +92,7 @@ def test_markdown_tables_from_numbers():
     assert "| 128 | 300 | 150 | 2.00 | 3 |" in text and "m.gguf" in text and "**Decode**" not in text
 
 
-def test_decode_rows_rejects_a_policy_not_wired_yet():
-    # "recycled" joins DECODE_POLICIES when the engine has it; until then it must fail loudly
-    with pytest.raises(ValueError, match="recycled"):
-        bench.decode_rows("recycled", None, [], [0], 4, 1, lambda label: None)
+def test_decode_rows_rejects_an_unknown_policy():
+    with pytest.raises(ValueError, match="sparse"):
+        bench.decode_rows("sparse", None, [], [0], 4, 1, lambda label: None)
+    assert set(bench.DECODE_POLICIES) == {"full", "recycled"}
