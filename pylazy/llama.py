@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .engine import Context, Model
-from .errors import ModelLoadError
+from .errors import ModelLoadError, PylazyError
 from .models import resolve_model_path
 from .policy import LazyPrefill, Recycle, Step, StreamingWindow, make_stride_policy
 from .sampling import Sampler, SamplingParams, StopMatcher, log_softmax
@@ -67,6 +67,14 @@ RecyclePolicy = Union[None, Recycle, StreamingWindow]
 
 
 @dataclass
+class _ClosedVocab:
+    def __getattr__(self, name):
+        raise PylazyError("this Llama is closed")
+
+    def close(self) -> None:
+        pass
+
+
 class LlamaState:
     """What ``save_state`` keeps: the evaluated tokens and the logits after the last one.
 
@@ -717,6 +725,8 @@ class Llama:
         self._ctx.close()
         self._model.close()
         self._vocab.close()
+        # llama_cpp's closed model would segfault on its next call: every later use raises instead.
+        self._vocab = _ClosedVocab()
 
     def __enter__(self) -> "Llama":
         return self
