@@ -67,3 +67,19 @@ def tiny(tiny_model_path):
     m = Model(tiny_model_path, n_threads=2)
     yield m, hp, w
     m.close()
+
+
+def write_stub_gguf(path, arch, **hparams):
+    """A minimal GGUF of `arch` with one 16x8 embedding and the given {arch}.* integer keys."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), arch)
+    for key, value in hparams.items():
+        w.add_uint32(f"{arch}.{key}", value)
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)

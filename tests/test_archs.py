@@ -13,6 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 
 import models.tiny as tiny
+from tests.conftest import write_stub_gguf
 from pylazy.engine import Context, Model
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import check_gguf
@@ -167,16 +168,9 @@ def test_bad_arch_tensors_raise(tmp_path, arch, kwargs, match):
 def test_unsupported_arch_and_type_raise(tmp_path):
     from pylazy import _native as N
 
-    p = tmp_path / "gemma3.gguf"
-    w = gguf.GGUFWriter(str(p), "gemma3")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    p = write_stub_gguf(tmp_path / "gemma3.gguf", "gemma3", block_count=1)
     with pytest.raises(ModelLoadError, match="unsupported architecture 'gemma3'"):
-        Model(str(p))
+        Model(p)
     # the native loader refuses it too, should anything reach it unchecked
     h = ctypes.c_void_p()
     params = N.ModelParams(0, 1)

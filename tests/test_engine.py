@@ -12,6 +12,7 @@ import pytest
 from pylazy.engine import Context, Model
 from pylazy.errors import ContextOverflowError, ModelLoadError
 from pylazy.llama_ref import reference_llama
+from tests.conftest import write_stub_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 4096
@@ -151,21 +152,10 @@ def test_truncated_gguf(tmp_path, default_model_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    gguf = pytest.importorskip("gguf")
-    p = tmp_path / "gpt2.gguf"
-    w = gguf.GGUFWriter(str(p), "gpt2")
-    w.add_block_count(1)
-    w.add_context_length(64)
-    w.add_embedding_length(8)
-    w.add_feed_forward_length(16)
-    w.add_head_count(2)
-    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    p = write_stub_gguf(tmp_path / "gpt2.gguf", "gpt2", block_count=1, context_length=64,
+                        embedding_length=8, feed_forward_length=16, **{"attention.head_count": 2})
     with pytest.raises(ModelLoadError, match="gpt2"):
-        Model(str(p))
+        Model(p)
 
 
 def test_prompt_over_context_raises_before_work(engine):
