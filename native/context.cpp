@@ -609,7 +609,6 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
 void reset(Context * c) {
     drop_graph_cache(*c);
     c->n_past = 0;
-    c->n_prompt_lazy = 0;
     for (auto & s : c->stages) clear_stage_state(*c, s);
     c->rec.valid = false;
     c->rec.n_tail = 0;
@@ -682,7 +681,6 @@ void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * l
     try {
         if (lazy && c->n_past == 0) {
             prefill_lazy(*c, tokens, n, logits_out);
-            c->n_prompt_lazy = n;
             c->n_past = n;
             return;
         }

@@ -63,7 +63,6 @@ struct Context {
     RecycleState rec;
 
     int n_past = 0;
-    int n_prompt_lazy = 0;              // tokens of the lazy prefill (0: none)
 
     ~Context();
 };
