@@ -66,8 +66,9 @@ Lazy = Optional[LazyPrefill]
 RecyclePolicy = Union[None, Recycle, StreamingWindow]
 
 
-@dataclass
 class _ClosedVocab:
+    """Stands in for the tokenizer after close(): llama_cpp's closed model would segfault."""
+
     def __getattr__(self, name):
         raise PylazyError("this Llama is closed")
 
@@ -75,6 +76,7 @@ class _ClosedVocab:
         pass
 
 
+@dataclass
 class LlamaState:
     """What ``save_state`` keeps: the evaluated tokens and the logits after the last one.
 
