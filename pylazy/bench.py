@@ -201,7 +201,7 @@ def _recycled_setup(eng: Engines, options: dict):
     stride = int(options.get("stride", 16))
     eng.ctx.set_recycle(1, k, stride, 0)
     policy = make_stride_policy(Recycle(k=k, stride=stride))
-    policy.recycle_k = k
+    policy.recycle_k, policy.stride = k, stride
     return policy
 
 
@@ -262,10 +262,12 @@ def prefill_rows(eng: Engines, tokens: Sequence[int], lengths: Sequence[int], re
 
 
 def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequence[int], n_steps: int,
-                repeat: Optional[int], tick: Callable[[str], None], options: Optional[dict] = None) -> List[dict]:
+                repeat: Optional[int], tick: Callable[[str], None], options: Optional[dict] = None,
+                ref_cache: Optional[dict] = None) -> List[dict]:
     """Decode tok/s after a prefill to each depth: pylazy with decode `policy` (a DECODE_POLICIES
     name) vs llama.cpp full attention. greedy_agree: how many fed tokens agree from the start
-    (the first is the same text token for both; later ones are each engine's greedy pick)."""
+    (the first is the same text token for both; later ones are each engine's greedy pick).
+    ref_cache (depth -> llama.cpp result) lets several policies share one llama.cpp measurement."""
     if policy not in DECODE_POLICIES:
         raise ValueError(f"decode policy {policy!r} not available (have: {', '.join(DECODE_POLICIES)})")
     rows = []
@@ -285,13 +287,20 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
             return t
 
         seconds: List[list] = []
-        t_plz, t_ref = _median_run(runs, [plz, ref], seconds)
+        if ref_cache is not None and depth in ref_cache:
+            t_ref, fed["llama_cpp"], ref_seconds = ref_cache[depth]
+            t_plz, = _median_run(runs, [plz], seconds)
+            seconds.append(ref_seconds)
+        else:
+            t_plz, t_ref = _median_run(runs, [plz, ref], seconds)
+            if ref_cache is not None:
+                ref_cache[depth] = (t_ref, fed["llama_cpp"], seconds[1])
         agree = 0
         for a, b in zip(fed["pylazy"], fed["llama_cpp"]):
             if a != b:
                 break
             agree += 1
-        rows.append({"policy": policy + (f" K={stride.recycle_k} S=16" if policy == "recycled" else ""), "depth": depth, "steps": n_steps, "runs": runs,
+        rows.append({"policy": policy + (f" K={stride.recycle_k} S={stride.stride}" if policy == "recycled" else ""), "depth": depth, "steps": n_steps, "runs": runs,
                      "pylazy_tok_s": n_steps / t_plz, "llama_cpp_tok_s": n_steps / t_ref,
                      "ratio": t_ref / t_plz, "greedy_agree": agree, "run_seconds": seconds, "load": _load()})
     return rows
@@ -464,8 +473,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         if "prefill" in plan.rows:
             result["prefill"] = prefill_rows(eng, tokens, plan.prefill, repeat, tick)
         if "decode" in plan.rows:
+            ref_cache: dict = {}  # llama.cpp runs full attention for both policies: measure it once per depth
             result["decode"] = [row for policy in ("full", "recycled")
-                                for row in decode_rows(policy, eng, tokens, plan.depths, args.decode_steps, repeat, tick)]
+                                for row in decode_rows(policy, eng, tokens, plan.depths, args.decode_steps, repeat, tick,
+                                                       ref_cache=ref_cache)]
             eng.ctx.set_recycle(0)
         if "ttft" in plan.rows:
             result["ttft"] = ttft_rows(eng, tokens, plan.ttft, plan.lazies, repeat, tick)
