@@ -150,10 +150,10 @@ int plz_truncate(plz_context * ctx, int32_t n) {
     });
 }
 
-int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks) {
+int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool) {
     return guarded([&] {
         require(ctx && mode >= 0 && mode <= 2, "recycle mode must be 0, 1 or 2");
-        plz::set_recycle(ctx->c, mode, k, tail_cap, sinks);
+        plz::set_recycle(ctx->c, mode, k, tail_cap, sinks, pool);
     });
 }
 

@@ -7,7 +7,10 @@
 #include "ggml-alloc.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -21,6 +24,11 @@ constexpr int KV_PAD = 256;
 // Scores are probabilities in [0, 1]; these biases force a cell in (the selecting token itself) or
 // out (cells it cannot see, whose probability 0 could otherwise tie with a candidate's underflow).
 constexpr float FORCE_IN = 2.0f, FORCE_OUT = -2.0f;
+// Batches of at most this many fresh tokens get their embedding rows dequantized on the host and
+// uploaded as an input, instead of a get_rows in the graph: tok_embd lives in host memory, so with a
+// GPU the in-graph lookup is a CPU split (thread-pool wake-up, sync, copy) in front of every decode
+// step. Larger batches keep the in-graph lookup (host dequantization would be serial).
+constexpr int HOST_EMBD_MAX = 16;
 
 int pad_to(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -38,6 +46,7 @@ ggml_tensor * new_input(ggml_context * ctx0, ggml_type type, int64_t ne0, int64_
 
 struct Inputs {
     ggml_tensor * rows = nullptr;     // I32 [n]   token ids (stage 0) or positions to gather from aux
+    ggml_tensor * embd = nullptr;     // F32 [n_embd, n] token embeddings looked up on the host (stage 0, small n)
     ggml_tensor * pos = nullptr;      // I32 [n]   RoPE positions
     ggml_tensor * cells = nullptr;    // I64 [n]   cell each row's K/V is written to
     ggml_tensor * mask = nullptr;     // F16 [n_kv, n]
@@ -225,7 +234,16 @@ static void clear_stage_state(Context & c, Stage & s) {
     s.revived = 0;
 }
 
+void Profile::print() const {
+    static const char * names[N_PHASES] = {"host inputs (cells, mask)", "graph build", "graph alloc", "upload", "compute", "outputs"};
+    double total = 0;
+    for (double s : seconds) total += s;
+    std::fprintf(stderr, "pylazy profile: %lld batches, %.3f s\n", (long long) batches, total);
+    for (int i = 0; i < N_PHASES; ++i) std::fprintf(stderr, "  %-28s %8.3f s  %5.1f %%\n", names[i], seconds[i], total > 0 ? 100 * seconds[i] / total : 0.0);
+}
+
 Context::~Context() {
+    if (profile.enabled) profile.print();
     graph_cache.reset();
     if (sched) ggml_backend_sched_free(sched);
     rec.free_buffers();
@@ -275,8 +293,12 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     if (b.want_sims && g.in.recycle_stage && b.kind == StepKind::Recycled) g.in.sims = &g.sims;
     g.in.refresh = &g.refresh;
 
-    ggml_tensor * x = b.stage == 0 ? ggml_get_rows(ctx0, c.model->tok_embd, g.in.rows)
-                                   : ggml_get_rows(ctx0, c.aux[b.stage], g.in.rows);
+    ggml_tensor * x;
+    if (b.stage == 0 && n <= HOST_EMBD_MAX) {
+        x = g.in.embd = new_input(ctx0, GGML_TYPE_F32, c.model->hp.n_embd, n, "embd");
+    } else {
+        x = ggml_get_rows(ctx0, b.stage == 0 ? c.model->tok_embd : c.aux[b.stage], g.in.rows);
+    }
     ggml_tensor * scores = nullptr;
     for (int il = st.il0; il < st.il1; ++il) {
         const bool pruning_layer = b.n_select > 0 && il == st.il1 - 1;
@@ -342,8 +364,23 @@ void set_recycle_inputs(Context & c, const Batch & b, const RecycleInputs & in, 
     }
 }
 
+// PYLAZY_PROFILE=1: wall time of each phase of run_batch, summed and printed when the context is freed,
+// to see what the host adds around the backend's compute (graph building, allocation, the mask).
+struct PhaseClock {
+    Profile * prof;
+    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+    void lap(int phase) {
+        if (!prof) return;
+        const auto now = std::chrono::steady_clock::now();
+        prof->seconds[phase] += std::chrono::duration<double>(now - t).count();
+        t = now;
+    }
+};
+
 template <typename Visible>
 BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
+    PhaseClock clock{c.profile.enabled ? &c.profile : nullptr};
+    if (clock.prof) ++c.profile.batches;
     Stage & st = c.stages[b.stage];
     const int n = (int) b.rows.size();
     ensure_capacity(c, st, st.n_cells + n);
@@ -392,13 +429,16 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
               std::to_string(b.want_sims) + "/" + std::to_string((int) c.rec.stage_all[b.stage]) + "/" + std::to_string(c.rec.rows);
     }
     std::shared_ptr<Graph> gp;
+    clock.lap(Profile::HOST_INPUTS);
     if (reusable && c.graph_cache && key == c.graph_key) {
         gp = std::static_pointer_cast<Graph>(c.graph_cache);
     } else {
         drop_graph_cache(c);
         ggml_backend_sched_reset(c.sched);
         gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv));
+        clock.lap(Profile::BUILD);
         if (!ggml_backend_sched_alloc_graph(c.sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
+        clock.lap(Profile::ALLOC);
         if (reusable) {
             c.graph_cache = gp;
             c.graph_key = key;
@@ -407,12 +447,28 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     Graph & g = *gp;
     std::vector<int64_t> cells64(cells.begin(), cells.end());
     set_input(g.in.rows, b.rows.data(), sizeof(int32_t) * n);
+    if (g.in.embd) {
+        // Same dequantization as get_rows on the CPU backend (the type's to_float), so logits do not change.
+        const ggml_tensor * te = c.model->tok_embd;
+        const auto * traits = ggml_get_type_traits(te->type);
+        std::vector<float> embd((size_t) c.model->hp.n_embd * n);
+        for (int i = 0; i < n; ++i) {
+            const char * row = (const char *) te->data + (size_t) b.rows[i] * te->nb[1];
+            float * out = embd.data() + (size_t) i * c.model->hp.n_embd;
+            if (te->type == GGML_TYPE_F32) std::memcpy(out, row, sizeof(float) * c.model->hp.n_embd);
+            else if (traits->to_float) traits->to_float(row, out, c.model->hp.n_embd);
+            else throw Error(PLZ_ERR_RUNTIME, std::string("token_embd type ") + ggml_type_name(te->type) + " cannot be dequantized");
+        }
+        set_input(g.in.embd, embd.data(), sizeof(float) * embd.size());
+    }
     set_input(g.in.pos, b.pos.data(), sizeof(int32_t) * n);
     set_input(g.in.cells, cells64.data(), sizeof(int64_t) * n);
     set_input(g.in.mask, mask.data(), sizeof(ggml_fp16_t) * mask.size());
     set_input(g.in.score_bias, bias.data(), sizeof(float) * bias.size());
     if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
+    clock.lap(Profile::UPLOAD);
     check_status(ggml_backend_sched_graph_compute(c.sched, g.gf), "graph compute");
+    clock.lap(Profile::COMPUTE);
     for (ggml_tensor * t : g.sims) {
         float v = 0.0f;
         ggml_backend_tensor_get(t, &v, 0, sizeof(float));
@@ -424,6 +480,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
         ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * b.n_select);
     }
     if (g.logits) ggml_backend_tensor_get(g.logits, logits_out, 0, sizeof(float) * (size_t) b.n_logits * c.model->hp.n_vocab);
+    clock.lap(Profile::OUTPUTS);
     return r;
 }
 
@@ -577,6 +634,9 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     c->n_ctx = n_ctx;
     c->n_ubatch = n_ubatch;
     c->n_threads = n_threads;
+    const char * prof = std::getenv("PYLAZY_PROFILE");
+    c->profile.enabled = prof && *prof && std::strcmp(prof, "0") != 0;
+    const bool per_op = prof && std::strcmp(prof, "ops") == 0;
     configure_stages(*c, {}, {});
     c->rec.stage_all.assign(c->stages.size(), 0);
 
@@ -588,6 +648,7 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     backends.push_back(model->backend_cpu);
     c->sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), c->graph_size, false, true);
     if (!c->sched) throw Error(PLZ_ERR_RUNTIME, "cannot create the graph scheduler");
+    if (per_op) ggml_backend_sched_set_eval_callback(c->sched, plz_op_profile_callback, nullptr);
     return c.release();
 }
 
@@ -627,9 +688,9 @@ void truncate(Context * c, int n) {
     c->rec.valid = false;
 }
 
-void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks) {
+void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool) {
     drop_graph_cache(*c);
-    configure_recycle(*c, mode, k, tail_cap, sinks);
+    configure_recycle(*c, mode, k, tail_cap, sinks, pool);
     c->rec.stage_all.assign(c->stages.size(), 0);
 }
 

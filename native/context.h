@@ -35,6 +35,15 @@ struct Stage {
     ggml_backend_buffer_t buf = nullptr;
 };
 
+// Host-side wall time per phase of running a batch (PYLAZY_PROFILE=1).
+struct Profile {
+    enum Phase { HOST_INPUTS, BUILD, ALLOC, UPLOAD, COMPUTE, OUTPUTS, N_PHASES };
+    bool enabled = false;
+    int64_t batches = 0;
+    double seconds[N_PHASES] = {};
+    void print() const;
+};
+
 struct Context {
     Model * model = nullptr;
     int n_ctx = 0, n_ubatch = 512, n_threads = 1;
@@ -61,6 +70,7 @@ struct Context {
     int graph_size = 0;
 
     RecycleState rec;
+    Profile profile;
 
     int n_past = 0;
 
@@ -87,7 +97,7 @@ void truncate(Context * c, int n);
 
 // Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window; k kept tokens per KV
 // head, tail_cap tokens decoded between refreshes (the stride).
-void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks);
+void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool);
 
 // One decoded token under the stride policy's choice. Full: plain attention. Refresh: full attention
 // that also refills the recycled cache. Recycled: attention over the recycled cache only (a Refresh is

@@ -4,6 +4,7 @@
 #pragma once
 #include <stdint.h>
 #include <stddef.h>
+#include <stdbool.h>
 
 #if defined(_WIN32)
 #  define PLZ_API __declspec(dllexport)
@@ -74,7 +75,9 @@ PLZ_API int  plz_n_past(const plz_context * ctx);
 
 // Recycled attention. mode: 0 off, 1 top-k by attention (Recycle), 2 sinks + recent window
 // (StreamingWindow: k = sinks + window). tail_cap: tokens decoded between refreshes (the stride).
-PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks);
+// pool (mode 1): before the top-k, each cell's score becomes the max over the cells within `pool` of it,
+// so the neighbours of an attended token come along (0: plain top-k as in the paper).
+PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool);
 
 #define PLZ_STEP_FULL      0
 #define PLZ_STEP_RECYCLED  1
@@ -87,6 +90,13 @@ PLZ_API int  plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, in
 // Positions chosen per KV head at layer il by the last refresh: [n_head_kv, k]; -1 where the stage
 // kept every token (no gather).
 PLZ_API int  plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions);
+
+// Per-op profiling (native/op_profile.cpp): a ggml scheduler eval callback that times every node. A
+// context uses it when PYLAZY_PROFILE=ops; libllama takes it as llama_context_params.cb_eval.
+struct ggml_tensor;
+PLZ_API bool    plz_op_profile_callback(struct ggml_tensor * t, bool ask, void * user_data);
+PLZ_API void    plz_op_profile_reset(void);
+PLZ_API int32_t plz_op_profile_report(char * buf, int32_t size);
 
 // Introspection (tests, stats). Stage s: layers [il0, il1), cells in use, positions selected into it at
 // the last step (stage 0: none). cell_pos gets n_cells entries, selected n_selected.

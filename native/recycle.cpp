@@ -16,7 +16,7 @@ void RecycleState::free_buffers() {
     rk.clear(); rv.clear(); rq.clear(); ridx.clear();
 }
 
-void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks) {
+void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool) {
     const Hparams & hp = c.model->hp;
     RecycleState & r = c.rec;
     r.free_buffers();
@@ -25,10 +25,12 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks) {
     if (mode == 0) return;
     if (k < 1 || tail_cap < 1 || sinks < 0 || sinks > k) throw Error(PLZ_ERR_ARG, "recycle: need k >= 1, tail >= 1, 0 <= sinks <= k");
     if (tail_cap > c.n_ctx) throw Error(PLZ_ERR_ARG, "recycle: the stride exceeds the context");
+    if (pool < 0 || pool > 64) throw Error(PLZ_ERR_ARG, "recycle: pool must be in [0, 64]");
     // k >= context keeps every token: no gather ever happens, so the cache need not be larger.
     r.k = std::min(k, c.n_ctx);
     r.tail_cap = tail_cap;
     r.sinks = sinks;
+    r.pool = pool;
     r.rows = (k + tail_cap + 255) / 256 * 256;  // CUDA flash attention wants a multiple of 256 keys
     const int L = hp.n_layer, D = hp.head_dim, Hkv = hp.n_head_kv;
     ggml_init_params ip = { ggml_tensor_overhead() * (4 * L + 1), nullptr, true };
@@ -60,7 +62,13 @@ ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context
     ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_mul_mat(ctx0, kc, q_last), mask_last, kq_scale, 0.0f);
     p = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, Hkv), 1, 0, 2, 3));  // [G, n_kv, Hkv]
     p = ggml_pool_1d(ctx0, ggml_reshape_2d(ctx0, p, G, (int64_t) n_kv * Hkv), GGML_OP_POOL_MAX, G, G, 0);
-    return ggml_add(ctx0, ggml_reshape_2d(ctx0, p, n_kv, Hkv), in.bias);
+    p = ggml_reshape_2d(ctx0, p, n_kv, Hkv);
+    // A refresh query attends to where the answer *starts*; the tokens right after it are read by the
+    // next steps but score low now (a copied number is read one digit per step). Max-pooling along the
+    // cells (SnapKV clusters scores the same way) brings them in; cells are in position order except
+    // where lazy revival appended cells out of order.
+    if (r.pool > 0) p = ggml_pool_1d(ctx0, p, GGML_OP_POOL_MAX, 2 * r.pool + 1, 1, r.pool);
+    return ggml_add(ctx0, p, in.bias);
 }
 
 void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,

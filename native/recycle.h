@@ -22,6 +22,7 @@ enum class StepKind { Full, Refresh, Recycled };
 struct RecycleState {
     int mode = 0;                // 0: off, 1: top-k by attention, 2: sinks + recent window (StreamingLLM)
     int k = 0, tail_cap = 0, sinks = 0;
+    int pool = 0;                // top-k mode: neighbours within `pool` cells share a cell's score
     int rows = 0;                // R = pad(k + tail_cap)
     int n_sel = 0;               // gathered rows in use (<= k: fewer when fewer tokens were visible)
     int n_tail = 0;              // tail rows in use
@@ -47,7 +48,7 @@ struct RecycleInputs {
     ggml_tensor * host_idx = nullptr;   // I32 [k, Hkv]: cells to keep (sinks + window mode)
 };
 
-void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks);
+void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool);
 
 // Refresh, per layer: writes the fresh token's K/V as tail row 0 and keeps its query for similarity
 // checks; returns the layer's token scores [n_kv, Hkv] (top-k mode: softmax of the one query, max over

@@ -79,7 +79,7 @@ _sigs = {
     "plz_truncate": (ctypes.c_int, [_p, ctypes.c_int32]),
     "plz_n_past": (ctypes.c_int, [_p]),
     "plz_set_lazy": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float)]),
-    "plz_set_recycle": (ctypes.c_int, [_p] + [ctypes.c_int32] * 4),
+    "plz_set_recycle": (ctypes.c_int, [_p] + [ctypes.c_int32] * 5),
     "plz_decode": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
                                   ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)]),
     "plz_recycle_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]),
@@ -93,6 +93,8 @@ _sigs = {
                                     ctypes.POINTER(ctypes.c_float)]),
     "plz_layer_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64),
                                        ctypes.POINTER(ctypes.c_uint64)]),
+    "plz_op_profile_reset": (None, []),
+    "plz_op_profile_report": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_int32]),
 }
 for _name, (_res, _args) in _sigs.items():
     _fn = getattr(lib, _name)

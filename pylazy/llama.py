@@ -347,12 +347,12 @@ class Llama:
     def _configure_recycle(self, recycle: RecyclePolicy) -> None:
         """Give the context the recycled cache `recycle` asks for (only when it changes)."""
         if recycle is None:
-            want = (0, 0, 0, 0)
+            want = (0, 0, 0, 0, 0)
         elif isinstance(recycle, StreamingWindow):
-            want = (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks)
+            want = (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks, 0)
         else:
-            want = (1, recycle.k, recycle.stride, 0)
-        if want != getattr(self, "_recycle_config", (0, 0, 0, 0)):
+            want = (1, recycle.k, recycle.stride, 0, recycle.pool)
+        if want != getattr(self, "_recycle_config", (0, 0, 0, 0, 0)):
             self._ctx.set_recycle(*want)
             self._recycle_config = want
         self._recycle_start = self._ctx.recycle_stats()
@@ -395,7 +395,7 @@ class Llama:
         start = getattr(self, "_recycle_start", None) or {"full_steps": 0, "recycled_steps": 0}
         now = self._ctx.recycle_stats()
         sims = getattr(self, "_similarities", [])
-        mode, k = getattr(self, "_recycle_config", (0, 0, 0, 0))[:2]
+        mode, k = getattr(self, "_recycle_config", (0, 0, 0, 0, 0))[:2]
         return {
             "full_steps": now["full_steps"] - start["full_steps"],
             "recycled_steps": now["recycled_steps"] - start["recycled_steps"],

@@ -142,17 +142,25 @@ class Recycle:
     dynamic_threshold: if set, a recycled step also returns the mean over layers of
     cosine(q_now, q_at_last_full) every ``check_every`` recycled steps, and a value below
     the threshold makes the next step full (see DynamicStride). In (-1, 1].
+
+    pool: before the top-k, each token's score becomes the max over the tokens within
+    ``pool`` positions of it, so the tokens after an attended one come along (a copied
+    number is read one digit per step). 0 is the paper's plain top-k; in [0, 64].
     """
 
     k: int
     stride: int = 16
     dynamic_threshold: Optional[float] = None
     check_every: int = 1
+    pool: int = 0
 
     def __post_init__(self) -> None:
         _check_int("k", self.k, 1)
         _check_int("stride", self.stride, 1)
         _check_int("check_every", self.check_every, 1)
+        _check_int("pool", self.pool, 0)
+        if self.pool > 64:
+            raise ValueError(f"pool must be at most 64, got {self.pool}")
         t = self.dynamic_threshold
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, Real):

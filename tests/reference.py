@@ -263,13 +263,25 @@ def lazy_select(attn_probs_last_row, keep_ratio: float) -> np.ndarray:
     return np.append(rest, n - 1).astype(np.int64)
 
 
-def recycle_topk(q, k, k_count: int) -> np.ndarray:
+def pool_max(scores: np.ndarray, radius: int) -> np.ndarray:
+    """Along the last axis, the max over the window [j - radius, j + radius] (clipped at the ends)."""
+    n = scores.shape[-1]
+    out = scores.copy()
+    for r in range(1, radius + 1):
+        out[..., :n - r] = np.maximum(out[..., :n - r], scores[..., r:])
+        out[..., r:] = np.maximum(out[..., r:], scores[..., :n - r])
+    return out
+
+
+def recycle_topk(q, k, k_count: int, pool: int = 0) -> np.ndarray:
     """Per KV head, the k_count tokens a recycled-attention full step keeps.
 
     q [n_head, d] (one query, after RoPE), k [n_head_kv, n, d] (after RoPE). Score of token j
     for KV head g = max over the query heads of group g (heads g*G .. g*G+G-1) of
     softmax_j(q_h . k_gj / sqrt(d)). Top k_count (clamped to n) per KV head, ties to the
-    lower index. Returns int64 [n_head_kv, min(k_count, n)], each row sorted ascending.
+    lower index. pool > 0: each token's score is first replaced by the max over tokens
+    j-pool .. j+pool (SnapKV-style clustering). Returns int64 [n_head_kv, min(k_count, n)],
+    each row sorted ascending.
     """
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
@@ -279,5 +291,7 @@ def recycle_topk(q, k, k_count: int) -> np.ndarray:
     kh = np.repeat(k, group, axis=0)                                   # [n_head, n, d]
     probs = softmax(np.einsum("hd,hnd->hn", q, kh) / math.sqrt(d), axis=-1)
     per_kv = probs.reshape(n_head_kv, group, n).max(axis=1)            # [n_head_kv, n]
+    if pool:
+        per_kv = pool_max(per_kv, pool)
     kc = min(k_count, n)
     return np.stack([_top_indices(per_kv[g], kc) for g in range(n_head_kv)]).astype(np.int64)

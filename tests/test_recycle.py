@@ -90,6 +90,33 @@ def test_refresh_topk_and_recycled_step_match_numpy(tiny):
     assert np.all((sims > -1.0001) & (sims < 1.0001))
 
 
+@pytest.mark.parametrize("pool", [1, 3])
+def test_refresh_topk_with_pool_matches_numpy(tiny, pool):
+    """Pooled scores (max over +-pool neighbours) pick the same tokens as the numpy reference, and
+    pooling changes the pick (else the test would not see the option at all)."""
+    m, hp, w = tiny
+    K, G = 8, hp["n_head"] // hp["n_head_kv"]
+    prompt = np.random.default_rng(5).integers(100, 40000, size=48).tolist()
+    seq = prompt + [1234]
+    _, layers = R.forward(hp, w, seq, return_internals=True)
+    with Context(m, n_ctx=256) as ctx:
+        ctx.set_recycle(1, K, 8, 0, pool=pool)
+        ctx.eval(prompt)
+        ctx.decode(1234, recycled=False)
+        kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
+    changed = 0
+    for il in range(hp["n_layer"]):
+        q = layers[il]["q"][-1]
+        k = np.transpose(layers[il]["k"][:-1], (1, 0, 2))
+        ref = R.recycle_topk(q, k, K, pool=pool)
+        kh = np.repeat(k, G, axis=0)
+        p = R.softmax(np.einsum("hd,hnd->hn", q, kh) / math.sqrt(hp["head_dim"]), axis=-1)
+        pooled = R.pool_max(p.reshape(hp["n_head_kv"], G, -1).max(axis=1), pool)
+        _close_sets(kept[il], ref, pooled)
+        changed += not np.array_equal(ref, R.recycle_topk(q, k, K))
+    assert changed > 0
+
+
 def test_dynamic_stride_triggers_full_step_after_low_similarity(tiny):
     from pylazy.policy import DynamicStride
     m, _, _ = tiny
@@ -121,3 +148,5 @@ def test_bad_recycle_values(tiny):
             ctx.set_recycle(3, 8, 16, 0)
         with pytest.raises(ValueError):
             ctx.set_recycle(1, 8, 1000, 0)
+        with pytest.raises(ValueError):
+            ctx.set_recycle(1, 8, 16, 0, pool=65)
