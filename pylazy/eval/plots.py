@@ -128,6 +128,7 @@ def _ppl_scatter(results, path):
                    color="black" if full else None, zorder=3)
         ax.annotate(f"{pol} ({n})", (sp, ppl), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+    ax.margins(x=0.15, y=0.15)   # room for the labels
     ax.set_xlabel("teacher-forced decode speedup over full attention (x)")
     ax.set_ylabel("perplexity of the forced tokens (lower is better)")
     ax.grid(alpha=0.3)
