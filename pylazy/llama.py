@@ -109,6 +109,16 @@ class _Job:
     recycle: RecyclePolicy
 
 
+class _Forced:
+    """A stand-in sampler for teacher forcing: "draws" the given tokens in order."""
+
+    def __init__(self, tokens: Sequence[int]):
+        self._next = iter(tokens)
+
+    def sample(self, logits: np.ndarray, history: Sequence[int], n_prompt: int = 0) -> int:
+        return next(self._next)
+
+
 def _check_lazy(lazy: Any) -> Lazy:
     if lazy is not None and not isinstance(lazy, LazyPrefill):
         raise TypeError(f"lazy must be a pylazy.LazyPrefill or None, got {type(lazy).__name__}")
@@ -198,6 +208,7 @@ class Llama:
         self._evaluated: List[int] = []
         self._last_logits: Optional[np.ndarray] = None   # float32 [n_vocab]
         self._last_similarity: Optional[float] = None
+        self._ppl_context: Optional[Tuple[List[int], np.ndarray]] = None   # see _perplexity_context
         self._pieces: Dict[int, bytes] = {}
         self._call_policy: Dict[str, Any] = {}
         self.prefill_progress: Optional[Callable[[int, int], None]] = None
@@ -289,6 +300,7 @@ class Llama:
         self._ctx.reset()
         self._evaluated = []
         self._last_logits = None
+        self._ppl_context = None
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate tokens after those already evaluated (llama-cpp-python's eval)."""
@@ -322,6 +334,7 @@ class Llama:
         attention goes in chunks of n_batch so prefill_progress can report. Tokens after an
         existing cache run through the schedule the cache was built with.
         """
+        self._ppl_context = None   # the cache changes: perplexity() may not reuse it
         if self._ctx.n_past == 0:
             schedule = lazy.resolve(self.n_layer()) if lazy is not None else []
             if schedule != getattr(self._ctx, "lazy_schedule", []):
@@ -429,6 +442,7 @@ class Llama:
                 common += 1
             common = min(common, len(prompt_tokens) - 1)  # re-evaluate at least one token for its logits
             if common > 0:
+                self._ppl_context = None
                 self._ctx.truncate(common)
                 del self._evaluated[common:]
                 return self._prefill(prompt_tokens[common:], None), common
@@ -474,6 +488,93 @@ class Llama:
         for token, _ in self._tokens(logits[-1], history, len(history), sampler, recycle,
                                      stopping_criteria):
             yield token
+
+    # ----- perplexity --------------------------------------------------------------------
+    def perplexity(self, text: Union[str, Sequence[int]], n_context: Optional[int] = None, *,
+                   lazy: Any = ..., recycle: Any = ...) -> Dict[str, Any]:
+        """Perplexity of a text's continuation under the attention policies, teacher-forced.
+
+        The first ``n_context`` tokens are prefilled as a prompt (under ``lazy``; always the
+        cache a fresh prefill builds, see _perplexity_context), then every later token is forced through the decode
+        loop that generation uses, so ``recycle``'s refresh / recycled steps and its stride
+        (fixed or dynamic) run exactly as when generating. Each forced token is scored by the
+        logits before it: token ``n_context`` by the prefill's last logits, token i by the
+        decode step of token i - 1 (the last token is never evaluated, as in generation).
+        With full attention this is llama.cpp's perplexity over the same tokens.
+
+        text: a str (tokenized as a completion prompt, BOS included) or token ids.
+        n_context: tokens prefilled, >= 1 and < the number of tokens; None: half (llama.cpp's
+            perplexity tool also scores the second half of each chunk).
+        Returns {"ppl", "nll" (sum, nats), "n_tokens" (scored), "n_context", "nlls"
+        (float64 array per scored token), "full_steps", "recycled_steps", "prefill_s",
+        "decode_s", "decode_tok_s", "reused_tokens", "mean_query_similarity"}; ``stats``
+        holds the same counters as after a completion.
+        """
+        if isinstance(text, (bytes, bytearray)):
+            raise TypeError("perplexity() takes a str or token ids, not bytes (decode it first)")
+        if not isinstance(text, str) and not isinstance(text, Sequence) \
+                and not isinstance(text, np.ndarray):
+            raise TypeError(f"perplexity() takes a str or a sequence of token ids, got "
+                            f"{type(text).__name__}")
+        lazy, recycle = self._policies(lazy, recycle)
+        tokens = self._prompt_tokens(text if isinstance(text, str) else list(text))
+        if len(tokens) < 2:
+            raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
+        n_context = len(tokens) // 2 if n_context is None else _check_int("n_context", n_context, 1)
+        if n_context >= len(tokens):
+            raise ValueError(f"n_context ({n_context}) must leave tokens to score "
+                             f"(the text has {len(tokens)})")
+        if len(tokens) - 1 > self.n_ctx():   # the last token is scored, never evaluated
+            raise ValueError(f"perplexity of {len(tokens)} tokens evaluates {len(tokens) - 1}; "
+                             f"they exceed the context window of {self.n_ctx()}")
+        context, forced = tokens[:n_context], tokens[n_context:]
+        t0 = time.perf_counter()
+        row, reused = self._perplexity_context(context, lazy)
+        t1 = time.perf_counter()
+        nlls = np.empty(len(forced), dtype=np.float64)
+        # generation's own loop, with a "sampler" that draws the text's next token
+        steps = self._tokens(row, list(context), n_context, _Forced(forced), recycle, None)
+        try:
+            for i, (token, logits) in enumerate(steps):
+                x = logits.astype(np.float64)
+                top = x.max()
+                nlls[i] = top + np.log(np.exp(x - top).sum()) - x[token]
+                if i == len(forced) - 1:
+                    break   # before the loop evaluates it
+        finally:
+            steps.close()
+        t2 = time.perf_counter()
+        self.stats = {"prompt_tokens": n_context, "reused_tokens": reused, "prefill_s": t1 - t0,
+                      "decode_s": t2 - t1, "forced_tokens": len(forced), "total_s": t2 - t0,
+                      **self._engine_stats()}
+        nll = float(nlls.sum())
+        n_steps = len(forced) - 1
+        return {"ppl": float(np.exp(nll / len(forced))), "nll": nll, "n_tokens": len(forced),
+                "n_context": n_context, "nlls": nlls,
+                "full_steps": self.stats["full_steps"], "recycled_steps": self.stats["recycled_steps"],
+                "prefill_s": t1 - t0, "decode_s": t2 - t1,
+                "decode_tok_s": n_steps / (t2 - t1) if n_steps and t2 > t1 else None,
+                "reused_tokens": reused,
+                "mean_query_similarity": self.stats["mean_query_similarity"]}
+
+    def _perplexity_context(self, context: List[int], lazy: Lazy) -> Tuple[np.ndarray, int]:
+        """The cache holding exactly `context`, as a fresh prefill computes it; (its last
+        logits, tokens reused). Prefix reuse that re-evaluates the last token (as completions
+        do) would change the context's numerics (one-token vs batched kernels): perplexities
+        of several policies then differ by that, not by the policy. So only the cache a
+        previous perplexity() prefilled from the same context is reused (full attention:
+        truncated back to it), otherwise the context is prefilled afresh."""
+        kept = self._ppl_context
+        if kept is not None and lazy is None and not self._ctx.lazy_schedule \
+                and kept[0] == context and self._evaluated[:len(context)] == context:
+            self._ctx.truncate(len(context))
+            del self._evaluated[len(context):]
+            self._last_logits = kept[1].copy()
+            return kept[1], len(context)
+        self.reset()
+        row = self._prefill(context, lazy)[-1]
+        self._ppl_context = (list(context), row.copy())
+        return row, 0
 
     # ----- completion --------------------------------------------------------------------
     def _policies(self, lazy: Any, recycle: Any) -> Tuple[Lazy, RecyclePolicy]:

@@ -93,7 +93,7 @@ def test_run_suite_writes_one_record_per_task_policy_length(tmp_path, tokenize):
     # 2 tasks x 2 depths x 2 lengths per policy, each after a reset
     assert [m.resets for m in made] == [8, 8]
     # uniform logits over the 49152-token vocabulary: perplexity is the vocabulary size
-    ppl = {(p["policy"], p["tokens"]): p["ppl"] for p in saved["perplexity"]}
+    ppl = {(p["policy"], p["context_len"]): p["ppl"] for p in saved["perplexity"]}
     assert ppl[("full", 64)] == pytest.approx(49152, rel=1e-6)
     assert ppl[("fake_lazy", 64)] is None
     assert res["records"] == recs

@@ -18,11 +18,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--policy", action="append", default=[], metavar="NAME=DICT",
                     help="e.g. lazy='{\"lazy\": LazyPrefill()}' or rk='lambda L: {\"recycle\": Recycle(k=L // 8)}'")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024])
-    ap.add_argument("--tasks", nargs="+", default=list(FAMILIES))
+    ap.add_argument("--tasks", nargs="*", default=list(FAMILIES),
+                    help="task specs; none (bare --tasks) = perplexity only")
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--samples", type=int, default=1)
-    ap.add_argument("--ppl-tokens", type=int, default=2048, help="0 = no perplexity")
+    ap.add_argument("--ppl-tokens", type=int, default=2048,
+                    help="perplexity context: min(length, this) tokens of natural text; 0 = no perplexity")
+    ap.add_argument("--ppl-decode", type=int, default=256,
+                    help="tokens teacher-forced through decode steps after the context, each scored")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
     ap.add_argument("--no-share", action="store_true",
                     help="one runner per policy, fresh prefill every call (no shared full prefill)")

@@ -1,4 +1,5 @@
-"""PNG plots of a run_suite result: accuracy against speedup, and depth x length heatmaps."""
+"""PNG plots of a run_suite result: accuracy against speedup, depth x length heatmaps, and
+perplexity against teacher-forced decode speedup."""
 from __future__ import annotations
 
 import math
@@ -103,13 +104,53 @@ def _heatmaps(results, path):
     return path
 
 
+def ppl_speedups(results: dict) -> dict:
+    """(policy, context_len) -> (ppl, decode speedup over the baseline's teacher-forced
+    decode at the same context, or None) for the perplexity runs that have a ppl."""
+    base = baseline_policy(results)
+    runs = [q for q in results.get("perplexity", []) if q.get("ppl")]
+    ref = {q["context_len"]: q.get("decode_tok_s") for q in runs if q["policy"] == base}
+    out = {}
+    for q in runs:
+        b, v = ref.get(q["context_len"]), q.get("decode_tok_s")
+        out[(q["policy"], q["context_len"])] = (q["ppl"], v / b if b and v else None)
+    return out
+
+
+def _ppl_scatter(results, path):
+    base = baseline_policy(results)
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for (pol, n), (ppl, sp) in ppl_speedups(results).items():
+        if sp is None:
+            continue
+        full = pol == base
+        ax.scatter([sp], [ppl], marker="*" if full else "o", s=160 if full else 50,
+                   color="black" if full else None, zorder=3)
+        ax.annotate(f"{pol} ({n})", (sp, ppl), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.axvline(1.0, color="gray", lw=0.8, ls=":")
+    ax.margins(x=0.15, y=0.15)   # room for the labels
+    ax.set_xlabel("teacher-forced decode speedup over full attention (x)")
+    ax.set_ylabel("perplexity of the forced tokens (lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict, out_dir: str) -> list[str]:
-    """Writes the three PNGs into out_dir and returns their paths."""
+    """Writes the PNGs into out_dir and returns their paths: accuracy plots when there are
+    task records, perplexity against decode speedup when there are perplexity runs."""
     os.makedirs(out_dir, exist_ok=True)
-    return [
-        _scatter(results, "ttft_s", False, "TTFT speedup over full attention (x)",
-                 os.path.join(out_dir, "accuracy_vs_ttft_speedup.png")),
-        _scatter(results, "decode_tok_s", True, "decode speedup over full attention (x)",
-                 os.path.join(out_dir, "accuracy_vs_decode_speedup.png")),
-        _heatmaps(results, os.path.join(out_dir, "accuracy_heatmap.png")),
-    ]
+    paths = []
+    if results["records"]:
+        paths += [
+            _scatter(results, "ttft_s", False, "TTFT speedup over full attention (x)",
+                     os.path.join(out_dir, "accuracy_vs_ttft_speedup.png")),
+            _scatter(results, "decode_tok_s", True, "decode speedup over full attention (x)",
+                     os.path.join(out_dir, "accuracy_vs_decode_speedup.png")),
+            _heatmaps(results, os.path.join(out_dir, "accuracy_heatmap.png")),
+        ]
+    if any(sp is not None for _, sp in ppl_speedups(results).values()):
+        paths.append(_ppl_scatter(results, os.path.join(out_dir, "ppl_vs_decode_speedup.png")))
+    return paths

@@ -12,9 +12,16 @@ prefill (its time is their TTFT, marked ttft_shared). Other keys open a pylazy.L
 own. With backend "llama_cpp" (reference, full attention only) they must be llama_cpp.Llama
 arguments. `pylazy eval` (pylazy/eval/cli.py) takes the same flags. The runner object needs the
 llama-cpp-python calls `create_completion(prompt, max_tokens=, temperature=, stream=True)`
-(or `create_chat_completion` with chat=True) and may have `reset()`, a `stats` dict (read after
-each completion and recorded), and `eval_logits(tokens) -> ndarray[n, vocab]` for perplexity
-(without it perplexity is recorded as null).
+(or `create_chat_completion` with chat=True) and may have `reset()` and a `stats` dict (read after
+each completion and recorded).
+
+Perplexity: the first min(L, ppl_tokens) tokens of the natural text are the context, the next
+ppl_decode tokens are teacher-forced one at a time and scored. A runner with
+`perplexity(tokens, n_context, **call_kwargs) -> dict` (pylazy.Llama: forced through its decode
+loop, so recycled/refresh steps and the stride policy run as in generation; LlamaCppRunner:
+llama.cpp decoding token by token) is asked under every policy; one with only
+`eval_logits(tokens) -> ndarray[n, vocab]` is scored from those rows (full attention); without
+either perplexity is recorded as null.
 """
 from __future__ import annotations
 
@@ -60,6 +67,36 @@ class LlamaCppRunner:
         if name == "llm":   # not set: __init__ failed; avoid recursing
             raise AttributeError(name)
         return getattr(self.llm, name)
+
+    def perplexity(self, tokens: Sequence[int], n_context: int) -> dict:
+        """Teacher forcing as pylazy.Llama.perplexity: prefill the context, then decode one
+        token at a time. (llama.cpp's one-batch logits of the whole text differ from this by
+        its batched vs one-token kernels: ~0.2 % in perplexity on SmolLM2.)"""
+        import llama_cpp
+        tokens = list(tokens)
+        ref = _open_llama_cpp(model_path=self.model_path, n_ctx=len(tokens) + 8,
+                              **self.kwargs)
+
+        def last_logits():   # without logits_all, llama-cpp-python keeps no scores
+            ptr = llama_cpp.llama_get_logits_ith(ref.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(ref.n_vocab(),)).copy()
+        try:
+            t0 = time.perf_counter()
+            ref.eval(tokens[:n_context])
+            rows = [last_logits()]
+            t1 = time.perf_counter()
+            for tok in tokens[n_context:-1]:
+                ref.eval([tok])
+                rows.append(last_logits())
+            t2 = time.perf_counter()
+        finally:
+            ref.close()
+        nlls = token_nlls(np.stack(rows), tokens[n_context:])
+        n_steps = len(tokens) - 1 - n_context
+        return {"ppl": math.exp(nlls.mean()), "nll": float(nlls.sum()), "n_tokens": len(nlls),
+                "n_context": n_context, "nlls": nlls, "full_steps": n_steps, "recycled_steps": 0,
+                "prefill_s": t1 - t0, "decode_s": t2 - t1,
+                "decode_tok_s": n_steps / (t2 - t1) if n_steps and t2 > t1 else None}
 
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         ref = _open_llama_cpp(model_path=self.model_path, n_ctx=len(tokens) + 8,
@@ -138,20 +175,40 @@ def generate(runner, task: Task, chat: bool = False, reset: bool = True,
             "completion_tokens": n_gen, "stats": stats}
 
 
-def perplexity(runner, tokens: Sequence[int]) -> Optional[float]:
-    """exp(mean NLL of tokens[1:]) under teacher forcing; None when the runner has no eval_logits."""
-    if not hasattr(runner, "eval_logits") or len(tokens) < 2:
+def token_nlls(rows: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """-log softmax(rows[i])[targets[i]] in float64, in row blocks (the copies stay small)."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for i in range(0, len(targets), 256):
+        r = np.asarray(rows[i: i + 256], dtype=np.float64)
+        m = r.max(axis=1)
+        lse = m + np.log(np.exp(r - m[:, None]).sum(axis=1))
+        out[i: i + len(r)] = lse - r[np.arange(len(r)), targets[i: i + len(r)]]
+    return out
+
+
+PPL_FIELDS = ("ppl", "nll", "n_tokens", "full_steps", "recycled_steps", "prefill_s",
+              "decode_s", "decode_tok_s", "reused_tokens", "mean_query_similarity")
+
+
+def perplexity(runner, tokens: Sequence[int], n_context: int,
+               call_kwargs: Optional[dict] = None) -> Optional[dict]:
+    """Perplexity of tokens[n_context:] given what precedes each (see the module doc): the
+    runner's PPL_FIELDS, or None when it can neither teacher-force nor return logits.
+    call_kwargs (pylazy's per-call lazy=/recycle=) go to runner.perplexity only; a runner
+    that has only eval_logits runs full attention, so it refuses them."""
+    tokens = list(tokens)
+    if not 1 <= n_context < len(tokens):
+        raise ValueError(f"n_context must be in [1, {len(tokens)}), got {n_context}")
+    if hasattr(runner, "perplexity"):
+        out = runner.perplexity(tokens, n_context, **(call_kwargs or {}))
+        return {k: out.get(k) for k in PPL_FIELDS}
+    if not hasattr(runner, "eval_logits") or any(v is not None for v in (call_kwargs or {}).values()):
         return None
-    logits = np.asarray(runner.eval_logits(list(tokens)))
+    logits = np.asarray(runner.eval_logits(tokens))
     if logits.shape[0] < len(tokens):
         raise ValueError(f"eval_logits returned {logits.shape[0]} rows for {len(tokens)} tokens")
-    nll = 0.0
-    for i in range(0, len(tokens) - 1, 256):   # row blocks: float64 copies stay small
-        rows = logits[i: min(i + 256, len(tokens) - 1)].astype(np.float64)
-        m = rows.max(axis=1)
-        lse = m + np.log(np.exp(rows - m[:, None]).sum(axis=1))
-        nll += float((lse - rows[np.arange(len(rows)), tokens[i + 1: i + 1 + len(rows)]]).sum())
-    return math.exp(nll / (len(tokens) - 1))
+    nlls = token_nlls(logits[n_context - 1: len(tokens) - 1], tokens[n_context:])
+    return {"ppl": math.exp(nlls.mean()), "nll": float(nlls.sum()), "n_tokens": len(nlls)}
 
 
 def natural_text_tokens(tokenize, n: int) -> list[int]:
@@ -192,7 +249,7 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               depths: Sequence[float] = DEFAULT_DEPTHS, seed: int = 0, quick: bool = False,
               progress: bool = True, out_dir: str = "out/eval", backend: str = "pylazy",
               chat: bool = False, n_samples: int = 1, ppl_tokens: int = 2048,
-              runner_factory: Optional[Callable] = None, tokenize: Optional[Callable] = None,
+              ppl_decode: int = 256, runner_factory: Optional[Callable] = None, tokenize: Optional[Callable] = None,
               make_plots: bool = True, n_threads: Optional[int] = None,
               share_runner: Optional[bool] = None) -> dict:
     """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
@@ -202,8 +259,10 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     for every policy made only of lazy=/recycle=, passed per call; the full-attention-prefill
     policies run back to back on each prompt so they share one prefill (llama.cpp-style
     prefix reuse), and their ttft_s is that shared prefill's time (marked ttft_shared).
-    quick: at most two depths (the first and last given), one sample, perplexity over
-    <= 512 tokens. runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner.
+    Perplexity (module doc): context min(L, ppl_tokens) per length, ppl_decode tokens
+    teacher-forced after it; ppl_tokens=0 skips it; tasks=() runs perplexity only.
+    quick: at most two depths (the first and last given), one sample, perplexity context
+    <= 512 tokens and <= 64 forced. runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner.
     """
     if model_path is None:
         from ..models import default_model_path
@@ -211,7 +270,9 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     policies = {"full": {}} if policies is None else dict(policies)
     if quick:
         depths = sorted({depths[0], depths[-1]})
-        n_samples, ppl_tokens = 1, min(ppl_tokens, 512)
+        n_samples, ppl_tokens, ppl_decode = 1, min(ppl_tokens, 512), min(ppl_decode, 64)
+    if ppl_tokens and ppl_decode < 1:
+        raise ValueError(f"ppl_decode must be >= 1 (tokens scored), got {ppl_decode}")
     for spec in tasks:
         parse_spec(spec)
     tokenize = tokenize or vocab_tokenizer(model_path)
@@ -219,9 +280,10 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     if share_runner is None:
         share_runner = backend == "pylazy" and runner_factory is None
     suite = make_tasks(tasks, lengths, depths, seed, tokenize, n_samples)
-    n_ctx = max(lengths) + max(t.max_new_tokens for t in suite) + (256 if chat else 16)
-    ppl_lens = sorted({min(n, ppl_tokens) for n in lengths})
-    ppl_ids = natural_text_tokens(tokenize, max(ppl_lens)) if ppl_tokens > 0 else []
+    ppl_lens = sorted({min(n, ppl_tokens) for n in lengths}) if ppl_tokens > 0 else []
+    ppl_ids = natural_text_tokens(tokenize, max(ppl_lens) + ppl_decode) if ppl_lens else []
+    n_ctx = max([max(lengths) + max((t.max_new_tokens for t in suite), default=0)
+                 + (256 if chat else 16)] + [n + ppl_decode for n in ppl_lens])
 
     def is_shared(pname, length):
         return share_runner and set(policy_for(policies[pname], length)) <= set(CALL_POLICY_KEYS)
@@ -271,18 +333,21 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     records = [_aggregate(spec, pname, n, rs) for pname in policies
                for (pp, spec, n), rs in runs.items() if pp == pname]
     ppl_records = []
-    for pname in policies:
-        for n in ppl_lens if ppl_ids else []:
+    for n in ppl_lens:
+        # full-attention-prefill policies back to back: pylazy reuses their context's cache
+        order = sorted(policies, key=lambda p: not (is_shared(p, n) and shares_prefill(policy_for(policies[p], n))))
+        for pname in order:
             if bar:
-                bar.set_description(f"{pname} perplexity {n}")
+                bar.set_description(f"{pname} perplexity {n}+{ppl_decode}")
             t0 = time.perf_counter()
-            runner = runner_for(pname, n)
-            ppl = None if is_shared(pname, n) and policy_for(policies[pname], n) else \
-                perplexity(runner, ppl_ids[:n])   # teacher forcing runs full attention only
-            ppl_records.append({"policy": pname, "tokens": n, "ppl": ppl,
-                                "seconds": time.perf_counter() - t0})
+            kwargs = policy_for(policies[pname], n)
+            call = {k: kwargs.get(k) for k in CALL_POLICY_KEYS} if is_shared(pname, n) else None
+            out = perplexity(runner_for(pname, n), ppl_ids[:n + ppl_decode], n, call)
+            ppl_records.append({"policy": pname, "context_len": n, "tokens": ppl_decode,
+                                **(out or {"ppl": None}), "seconds": time.perf_counter() - t0})
             if bar:
                 bar.update()
+    ppl_records.sort(key=lambda r: (list(policies).index(r["policy"]), r["context_len"]))
     for runner in runners.values():
         if hasattr(runner, "close"):
             runner.close()
@@ -292,6 +357,7 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
                    k: _describe_policy(v, lengths) for k, v in policies.items()},
                    "lengths": list(lengths), "tasks": list(tasks), "depths": list(depths),
                    "seed": seed, "quick": quick, "chat": chat, "n_samples": n_samples,
+                   "ppl_tokens": ppl_tokens, "ppl_decode": ppl_decode,
                    "n_threads": n_threads, "shared_prefill": bool(share_runner),
                    "ttft_note": "ttft_s = the engine's prefill_s where it reports one (else time to "
                                 "the first streamed text); policies with ttft_shared reused the "
@@ -317,22 +383,50 @@ def _describe_policy(policy, lengths) -> dict:
 
 
 def format_table(results: dict) -> str:
-    """policy x length rows: accuracy per task, mean TTFT, decode speed, perplexity."""
+    """policy x length rows: accuracy per task, mean TTFT, decode speed, perplexity (at the
+    largest perplexity context <= the length); then the perplexity runs' own table."""
     recs = results["records"]
     specs = list(dict.fromkeys(r["task"] for r in recs))
-    ppl = {(p["policy"], p["tokens"]): p["ppl"] for p in results.get("perplexity", [])}
+    ppls = results.get("perplexity", [])
     cols = ["policy", "len"] + specs + ["mean", "ttft_s", "dec_tok/s", "ppl"]
     rows = []
     for pol in dict.fromkeys(r["policy"] for r in recs):
         for n in sorted({r["context_len"] for r in recs if r["policy"] == pol}):
             sub = {r["task"]: r for r in recs if r["policy"] == pol and r["context_len"] == n}
             accs = [sub[s]["accuracy"] for s in specs if s in sub]
-            p = [v for (pp, t), v in ppl.items() if pp == pol and t <= n]
+            p = sorted((q["context_len"], q["ppl"]) for q in ppls
+                       if q["policy"] == pol and q["context_len"] <= n)
             rows.append([pol, str(n)] + [f"{sub[s]['accuracy']:.2f}" if s in sub else "-" for s in specs]
                         + [f"{_mean(accs):.2f}",
                            f"{_mean([r['ttft_s'] for r in sub.values()]):.3f}",
                            _fmt(_mean([r['decode_tok_s'] for r in sub.values()]), ".1f"),
-                           _fmt(p[-1] if p else None, ".2f")])
+                           _fmt(p[-1][1] if p else None, ".3f")])
+    out = [_columns(cols, rows)] if rows else []
+    if ppls:
+        out.append(format_ppl_table(results))
+    return "\n\n".join(out)
+
+
+def format_ppl_table(results: dict) -> str:
+    """One row per perplexity run: context, scored tokens, ppl and its change from the
+    baseline (the first policy without arguments), decode steps, teacher-forced decode speed."""
+    from .plots import baseline_policy
+    ppls = results.get("perplexity", [])
+    base = {q["context_len"]: q for q in ppls if q["policy"] == baseline_policy(results)}
+    cols = ["policy", "context", "scored", "ppl", "vs_full", "full/recycled", "dec_tok/s", "speedup"]
+    rows = []
+    for q in ppls:
+        b = base.get(q["context_len"]) or {}
+        rel = q["ppl"] / b["ppl"] - 1 if q.get("ppl") and b.get("ppl") else None
+        sp = q["decode_tok_s"] / b["decode_tok_s"] if q.get("decode_tok_s") and b.get("decode_tok_s") else None
+        steps = "-" if q.get("full_steps") is None else f"{q['full_steps']}/{q['recycled_steps']}"
+        rows.append([q["policy"], str(q["context_len"]), str(q["tokens"]), _fmt(q.get("ppl"), ".3f"),
+                     "-" if rel is None else f"{100 * rel:+.2f}%", steps,
+                     _fmt(q.get("decode_tok_s"), ".1f"), _fmt(sp, ".2f")])
+    return _columns(cols, rows)
+
+
+def _columns(cols, rows) -> str:
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     line = lambda r: "  ".join(x.rjust(w) for x, w in zip(r, widths))
     return "\n".join([line(cols)] + [line(r) for r in rows])
@@ -366,6 +460,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
     return run_suite(a.model, _parse_policies(a.policy), a.lengths, a.tasks, a.depths, a.seed,
                      quick=a.quick, progress=not a.no_progress, out_dir=a.out, backend=a.backend,
                      chat=a.chat, n_samples=a.samples, ppl_tokens=a.ppl_tokens,
+                     ppl_decode=a.ppl_decode,
                      n_threads=a.threads, share_runner=False if a.no_share else None)
 
 
