@@ -150,6 +150,16 @@ int plz_truncate(plz_context * ctx, int32_t n) {
     });
 }
 
+int plz_context_take_profile(plz_context * ctx, double * seconds, int64_t * batches) {
+    return guarded([&] {
+        require(ctx && seconds, "plz_context_take_profile: null argument");
+        plz::Profile & p = ctx->c->profile;
+        for (int i = 0; i < plz::Profile::N_PHASES; ++i) seconds[i] = p.seconds[i];
+        if (batches) *batches = p.batches;
+        p = plz::Profile{p.enabled};
+    });
+}
+
 int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool) {
     return guarded([&] {
         require(ctx && mode >= 0 && mode <= 2, "recycle mode must be 0, 1 or 2");

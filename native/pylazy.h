@@ -97,6 +97,9 @@ struct ggml_tensor;
 PLZ_API bool    plz_op_profile_callback(struct ggml_tensor * t, bool ask, void * user_data);
 PLZ_API void    plz_op_profile_reset(void);
 PLZ_API int32_t plz_op_profile_report(char * buf, int32_t size);
+// Host-side phase times of a context (PYLAZY_PROFILE set when it was made): seconds[6] = host inputs,
+// graph build, graph alloc, upload, compute, outputs; then zeroes them.
+PLZ_API int  plz_context_take_profile(plz_context * ctx, double * seconds, int64_t * batches);
 
 // Introspection (tests, stats). Stage s: layers [il0, il1), cells in use, positions selected into it at
 // the last step (stage 0: none). cell_pos gets n_cells entries, selected n_selected.

@@ -104,6 +104,54 @@ def pylazy_run(args, toks, mode: str) -> tuple:
     return times, prefill_ops, decode_ops
 
 
+PHASES = ("host inputs", "graph build", "graph alloc", "upload", "compute", "outputs")
+
+
+def take_phases(ctx) -> str:
+    sec = (ctypes.c_double * 6)()
+    n = ctypes.c_int64()
+    N.lib.plz_context_take_profile(ctx.handle, sec, ctypes.byref(n))
+    return f"{n.value} batches: " + ", ".join(f"{name} {s * 1e3:.2f} ms" for name, s in zip(PHASES, sec))
+
+
+def refresh_profile(args) -> None:
+    """pylazy only: at depth --refresh-depth, the host phases and the ops of refresh and recycled steps."""
+    from pylazy.engine import Context, Model
+    toks = np.random.default_rng(1).integers(1000, 40000, size=args.refresh_depth).tolist()
+    for mode in ("1", "ops"):
+        os.environ["PYLAZY_PROFILE"] = mode
+        m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
+        ctx = Context(m, n_ctx=args.refresh_depth + 512, n_ubatch=args.n_ubatch)
+        t = time.perf_counter()
+        ctx.eval(toks)
+        print(f"\n[{mode}] prefill {args.refresh_depth}: {time.perf_counter() - t:.2f} s; {take_phases(ctx)}")
+        ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool)
+        for label, recycled in (("full (recycling off)", None), ("refresh", False), ("recycled", True)):
+            if recycled is None:
+                ctx.set_recycle(0)
+            elif label == "refresh":
+                ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool)
+            ctx.decode(1234, recycled=False)    # warm-up / first refresh, untimed
+            ctx.decode(1234, recycled=bool(recycled))
+            take_phases(ctx)
+            N.lib.plz_op_profile_reset()
+            n = 8
+            t = time.perf_counter()
+            for _ in range(n):
+                ctx.decode(1234, recycled=bool(recycled))
+            dt = (time.perf_counter() - t) / n
+            print(f"[{mode}] {label} step at {args.refresh_depth}: {dt * 1e3:.2f} ms; {take_phases(ctx)}")
+            if mode == "ops":
+                ops = report()
+                total = sum(v[0] for v in ops.values())
+                print(f"  ops per step ({total / n * 1e3:.2f} ms callback-timed):")
+                for k, (s, c) in list(ops.items())[:args.top]:
+                    print(f"    {k:34s} {s / n * 1e3:8.3f} ms  x{c // n}")
+        ctx.close()
+        m.close()
+    os.environ.pop("PYLAZY_PROFILE")
+
+
 def table(title, a, b, top):
     keys = sorted(set(a) | set(b), key=lambda k: -max(a.get(k, (0, 0))[0], b.get(k, (0, 0))[0]))
     ta, tb = sum(v[0] for v in a.values()), sum(v[0] for v in b.values())
@@ -123,9 +171,18 @@ def main(argv=None):
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--refresh-depth", type=int, default=0, help="also profile refresh/recycled steps at this depth")
+    ap.add_argument("--recycle-k", type=int, default=4096)
+    ap.add_argument("--stride", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=0)
+    ap.add_argument("--skip-compare", action="store_true")
     args = ap.parse_args(argv)
     toks = np.random.default_rng(0).integers(1000, 40000, size=args.n).tolist()
     L.llama_backend_init()
+    if args.refresh_depth:
+        refresh_profile(args)
+    if args.skip_compare:
+        return
     cb = L.ggml_backend_sched_eval_callback(ctypes.cast(N.lib.plz_op_profile_callback, ctypes.c_void_p).value)
     plain = llama_cpp_run(args, toks, None)[0]
     print(f"normal runs: llama.cpp prefill {args.n / plain['prefill']:.0f} tok/s, decode {args.decode_steps / plain['decode']:.1f} tok/s")
