@@ -52,14 +52,16 @@ struct Inputs {
 
 // One transformer block on hidden states x [n_embd, n] attending to the first n_kv cells of the
 // layer's stage. With `scores` set, also returns the last row's attention probabilities averaged over
-// heads ([n_kv]) — the lazy-prefill importance of every cell.
+// heads ([n_kv]) — the lazy-prefill importance of every cell. n_out < n (the model's last layer when
+// only the last rows' logits are wanted): rows before them stop after attention, as llama.cpp's
+// inp_out_ids does; the same row counts per matmul keep ggml's kernels, and so logits, identical.
 //
 // Sliding-window layers (gemma3) read the stage's full K/V through in.mask_swa, which hides cells
 // pos_row - pos_cell >= n_swa. Recycled attention applies to global layers only: an SWA layer sees at
 // most n_swa tokens anyway, so at Refresh and Recycled steps it attends as at a full step (stage cache,
 // window mask), is not scored for the recycled cache, and reports no query similarity (NaN).
 ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
-                          ggml_tensor * x, const Inputs & in, int n_kv, ggml_tensor ** scores) {
+                          ggml_tensor * x, const Inputs & in, int n_kv, ggml_tensor ** scores, int n_out) {
     const Model & m = *c.model;
     const Hparams & hp = m.hp;
     const LayerWeights & L = m.layers[il];
@@ -130,8 +132,14 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
         ggml_prec_set_acc(attn, GGML_PREC_F32);
     }
     attn = ggml_reshape_2d(ctx0, attn, D * H, n);
+    ggml_tensor * out = bias(ggml_mul_mat(ctx0, L.wo, attn), L.bo);
+    if (n_out < n) {
+        auto last_rows = [&](ggml_tensor * t) { return ggml_view_2d(ctx0, t, t->ne[0], n_out, t->nb[1], (size_t) (n - n_out) * t->nb[1]); };
+        out = last_rows(out);
+        x = last_rows(x);
+    }
     // gemma3 normalises each sub-block's output (post-norm) before adding it to the residual.
-    x = ggml_add(ctx0, x, norm(bias(ggml_mul_mat(ctx0, L.wo, attn), L.bo), L.attn_post_norm));
+    x = ggml_add(ctx0, x, norm(out, L.attn_post_norm));
 
     cur = norm(x, L.ffn_norm);
     ggml_tensor * gate = bias(ggml_mul_mat(ctx0, L.ffn_gate, cur), L.b_gate);
@@ -304,7 +312,8 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     ggml_tensor * scores = nullptr;
     for (int il = st.il0; il < st.il1; ++il) {
         const bool pruning_layer = b.n_select > 0 && il == st.il1 - 1;
-        x = build_layer(ctx0, g.gf, c, il, x, g.in, n_kv, pruning_layer ? &scores : nullptr);
+        const int n_out = last_stage && il == st.il1 - 1 && b.n_logits > 0 ? b.n_logits : n;
+        x = build_layer(ctx0, g.gf, c, il, x, g.in, n_kv, pruning_layer ? &scores : nullptr, n_out);
     }
     if (!last_stage) {
         // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
@@ -322,7 +331,6 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
         ggml_build_forward_expand(g.gf, g.selected);
     }
     if (last_stage && b.n_logits > 0) {
-        if (b.n_logits < n) x = ggml_view_2d(ctx0, x, x->ne[0], b.n_logits, x->nb[1], (size_t) (n - b.n_logits) * x->nb[1]);
         g.logits = build_logits(ctx0, *c.model, x);
         ggml_set_output(g.logits);
         ggml_build_forward_expand(g.gf, g.logits);
