@@ -24,6 +24,8 @@ llama-cpp-python 0.3.36) and the check here that keeps a file away from each:
   llama-model.cpp  load_hparams: GGML_ASSERT(0 < n_layer <= 512), expert-count asserts,
                    GGML_ASSERT(rope scaling type known), nextn layers <= n_layer
                    -> block_count range, no experts, rope.scaling.type in the known set
+  models/gemma3.cpp (throws, no abort) sliding_window_pattern array of another type or > 512
+                   entries -> u32 period or one bool/i32/u32 per layer (also what the engine reads)
   models/llama.cpp, qwen2.cpp, qwen3.cpp graphs: GGML_ASSERT(n_embd_head_v == n_embd_head_k == n_rot)
                    -> value_length (default n_embd / n_head) and rope.dimension_count equal
                    the head size (key_length, default n_embd / n_head)
