@@ -34,8 +34,9 @@ _WTYPES = {
     "q4_1": (GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),  # the default model's type
 }
 
-# Per-layer 2-D matrices shared by llama, qwen2 and qwen3 (qwen2 adds q/k/v biases,
-# qwen3 a per-head RMS norm of q and k before RoPE).
+# Per-layer 2-D matrices shared by llama, qwen2, qwen3 and gemma3 (qwen2 adds q/k/v biases,
+# qwen3 a per-head RMS norm of q and k before RoPE, gemma3 those norms plus post-norms of the
+# attention and FFN outputs).
 _LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -82,8 +83,18 @@ def make_tiny_model(
     tied_output: bool = False,
     seed: int = 0,
     tokenizer_from: str = DEFAULT_MODEL_PATH,
+    head_dim: int | None = None,
+    sliding_window: int = 8,
+    swa_pattern: int | list[bool] = 2,
+    softcap: float = 0.0,
 ) -> str:
-    """Write a random-weight GGUF of arch ``llama`` (or ``qwen2``/``qwen3``) to ``path``.
+    """Write a random-weight GGUF of arch ``llama`` (or ``qwen2``/``qwen3``/``gemma3``) to ``path``.
+
+    ``head_dim`` (default n_embd // n_head) is written as attention.key_length/value_length.
+    gemma3 only: ``sliding_window`` (0: no SWA layers), ``swa_pattern`` (llama.cpp's
+    sliding_window_pattern: a period n, layer il global when il % n == n - 1, or one bool per
+    layer, True = SWA; the default 2 makes layers 1, 3, ... global) and ``softcap``
+    (final_logit_softcapping, 0: none).
 
     Scales are chosen so activations stay O(1) through the stack while attention is
     peaky (Q/K weights larger than the rest: per-head score std ~ 4 at head_dim 16),
@@ -91,7 +102,7 @@ def make_tiny_model(
     near-equal scores. ``wtype`` applies to every 2-D matrix (token_embd included);
     norms and biases stay f32. Returns ``str(path)``.
     """
-    if arch not in ("llama", "qwen2", "qwen3"):
+    if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
         raise ValueError(f"unsupported arch {arch!r}")
     if wtype not in _WTYPES:
         raise ValueError(f"wtype must be one of {sorted(_WTYPES)}, got {wtype!r}")
@@ -103,7 +114,8 @@ def make_tiny_model(
 
     tok_fields = _tokenizer_fields(str(tokenizer_from))
     n_vocab = next(len(v) for k, v, _, _ in tok_fields if k == "tokenizer.ggml.tokens")
-    head_dim = n_embd // n_head
+    explicit_head_dim = head_dim is not None
+    head_dim = head_dim or n_embd // n_head
     rng = np.random.default_rng(seed)
 
     def normal(shape, std):
@@ -145,10 +157,13 @@ def make_tiny_model(
             for name in ("attn_q", "attn_k", "attn_v"):
                 n_out = shapes[name][0]
                 tensors[p + name + ".bias"] = (normal(n_out, 0.2), GGMLQuantizationType.F32)
-        if arch == "qwen3":
+        if arch in ("qwen3", "gemma3"):
             tensors[p + "attn_q_norm.weight"] = (norm_weight(head_dim), GGMLQuantizationType.F32)
             tensors[p + "attn_k_norm.weight"] = (norm_weight(head_dim), GGMLQuantizationType.F32)
         tensors[p + "ffn_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
+        if arch == "gemma3":
+            tensors[p + "post_attention_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
+            tensors[p + "post_ffw_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
     tensors["output_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
     if not tied_output:
         # logits std ~1.6: a clear but not saturated top-1
@@ -168,6 +183,14 @@ def make_tiny_model(
     writer.add_head_count_kv(n_head_kv)
     writer.add_rope_freq_base(rope_theta)
     writer.add_rope_dimension_count(head_dim)
+    if explicit_head_dim or arch == "gemma3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "gemma3":
+        writer.add_sliding_window(sliding_window)
+        writer.add_sliding_window_pattern(swa_pattern)
+        if softcap:
+            writer.add_final_logit_softcapping(softcap)
     writer.add_layer_norm_rms_eps(rms_eps)
     writer.add_vocab_size(n_vocab)
     for key, value, vtype, sub_type in tok_fields:

@@ -72,6 +72,8 @@ int plz_model_get_info(const plz_model * model, plz_model_info * info) {
         info->tied_output = m.tied_output;
         info->on_gpu = m.backend_gpu != nullptr;
         info->weight_bytes = m.weight_bytes;
+        info->n_swa = hp.n_swa;
+        for (int il = 0; il < hp.n_layer; ++il) info->n_swa_layers += hp.is_swa(il);
         ggml_backend_t be = m.backend_gpu ? m.backend_gpu : m.backend_cpu;
         std::strncpy(info->backend, ggml_backend_name(be), sizeof(info->backend) - 1);
     });

@@ -50,6 +50,7 @@ struct Inputs {
     ggml_tensor * pos = nullptr;      // I32 [n]   RoPE positions
     ggml_tensor * cells = nullptr;    // I64 [n]   cell each row's K/V is written to
     ggml_tensor * mask = nullptr;     // F16 [n_kv, n]
+    ggml_tensor * mask_swa = nullptr; // F16 [n_kv, n]  the same rows cut to the sliding window (SWA layers)
     ggml_tensor * score_bias = nullptr;  // F32 [n_kv]  only when the batch selects for the next stage
     StepKind kind = StepKind::Full;
     bool recycle_stage = false;          // Refresh/Recycled apply to this stage (not one that keeps all)
@@ -60,32 +61,48 @@ struct Inputs {
 
 // One transformer block on hidden states x [n_embd, n] attending to the first n_kv cells of the
 // layer's stage. With `scores` set, also returns the last row's attention probabilities averaged over
-// heads ([n_kv]) — the lazy-prefill importance of every cell.
+// heads ([n_kv]) — the lazy-prefill importance of every cell. n_out < n (the model's last layer when
+// only the last rows' logits are wanted): rows before them stop after attention, as llama.cpp's
+// inp_out_ids does; the same row counts per matmul keep ggml's kernels, and so logits, identical.
+//
+// Sliding-window layers (gemma3) read the stage's full K/V through in.mask_swa, which hides cells
+// pos_row - pos_cell >= n_swa. Recycled attention applies to global layers only: an SWA layer sees at
+// most n_swa tokens anyway, so at Refresh and Recycled steps it attends as at a full step (stage cache,
+// window mask), is not scored for the recycled cache, and reports no query similarity (NaN).
 ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
-                          ggml_tensor * x, const Inputs & in, int n_kv, ggml_tensor ** scores) {
+                          ggml_tensor * x, const Inputs & in, int n_kv, ggml_tensor ** scores, int n_out) {
     const Model & m = *c.model;
     const Hparams & hp = m.hp;
     const LayerWeights & L = m.layers[il];
     const int n = (int) x->ne[1], D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
-    const float kq_scale = 1.0f / std::sqrt((float) D);
+    const bool swa = hp.is_swa(il);
+    ggml_tensor * mask = swa ? in.mask_swa : in.mask;
+    const bool recycle = in.recycle_stage && !swa;
 
-    // Optional tensors (null when the arch/file has none) are skipped: llama, qwen2 (q/k/v biases)
-    // and qwen3 (per-head q/k RMSNorm) share this one graph.
+    // Optional tensors (null when the arch/file has none) are skipped: llama, qwen2 (q/k/v biases),
+    // qwen3 (per-head q/k RMSNorm) and gemma3 (q/k norms, post-norms) share this one graph.
     auto bias = [&](ggml_tensor * t, ggml_tensor * b) { return b ? ggml_add(ctx0, t, b) : t; };
-    auto head_norm = [&](ggml_tensor * t, ggml_tensor * w) {  // t [D, heads, n]: normalises each head's D
+    auto norm = [&](ggml_tensor * t, ggml_tensor * w) {  // RMSNorm over ne0 (n_embd, or D per head)
         return w ? ggml_mul(ctx0, ggml_rms_norm(ctx0, t, hp.rms_eps), w) : t;
     };
-    ggml_tensor * cur = ggml_mul(ctx0, ggml_rms_norm(ctx0, x, hp.rms_eps), L.attn_norm);
+    ggml_tensor * cur = norm(x, L.attn_norm);
     ggml_tensor * q = ggml_reshape_3d(ctx0, bias(ggml_mul_mat(ctx0, L.wq, cur), L.bq), D, H, n);
     ggml_tensor * k = ggml_reshape_3d(ctx0, bias(ggml_mul_mat(ctx0, L.wk, cur), L.bk), D, Hkv, n);
     ggml_tensor * v = bias(ggml_mul_mat(ctx0, L.wv, cur), L.bv);
-    q = head_norm(q, L.q_norm);
-    k = head_norm(k, L.k_norm);
+    q = norm(q, L.q_norm);
+    k = norm(k, L.k_norm);
     // m.rope_freqs (llama3 scaling) divides each rotation frequency; null leaves them as they are.
+    // SWA layers rotate with their own base and scale (gemma3: 10000, 1 while global layers use 1e6).
+    const float base = swa ? hp.rope_base_swa : hp.rope_base, fscale = swa ? hp.rope_freq_scale_swa : hp.rope_freq_scale;
     q = ggml_rope_ext(ctx0, q, in.pos, m.rope_freqs, hp.rope_dim, hp.rope_mode, hp.n_ctx_train,
-                      hp.rope_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+                      base, fscale, 0.0f, 1.0f, 32.0f, 1.0f);
     k = ggml_rope_ext(ctx0, k, in.pos, m.rope_freqs, hp.rope_dim, hp.rope_mode, hp.n_ctx_train,
-                      hp.rope_base, hp.rope_freq_scale, 0.0f, 1.0f, 32.0f, 1.0f);
+                      base, fscale, 0.0f, 1.0f, 32.0f, 1.0f);
+    float kq_scale = hp.kq_scale;
+    if (hp.scale_q) {   // gemma3 scales q itself (as llama.cpp does), so attention adds no scale
+        q = ggml_scale(ctx0, q, kq_scale);
+        kq_scale = 1.0f;
+    }
 
     // Write this batch's K/V into its cells first; the attention below reads the cache after it.
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.k[il], ggml_reshape_2d(ctx0, k, D * Hkv, n), in.cells));
@@ -98,16 +115,16 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
 
     // Last row's query per head, [D, 1, H]; K broadcasts over the query heads of its group.
     ggml_tensor * q_last = ggml_view_3d(ctx0, q, D, 1, H, q->nb[1], q->nb[1], (size_t) (n - 1) * q->nb[2]);
-    ggml_tensor * mask_last = ggml_view_2d(ctx0, in.mask, n_kv, 1, in.mask->nb[1], (size_t) (n - 1) * in.mask->nb[1]);
+    ggml_tensor * mask_last = ggml_view_2d(ctx0, mask, n_kv, 1, mask->nb[1], (size_t) (n - 1) * mask->nb[1]);
     // The fresh token is the last row (a refresh batch may start with revived rows).
     ggml_tensor * v3 = ggml_reshape_3d(ctx0, v, D, Hkv, n);
     ggml_tensor * k_last = ggml_view_3d(ctx0, k, D, Hkv, 1, k->nb[1], k->nb[2], (size_t) (n - 1) * k->nb[2]);
     ggml_tensor * v_last = ggml_view_3d(ctx0, v3, D, Hkv, 1, v3->nb[1], v3->nb[2], (size_t) (n - 1) * v3->nb[2]);
-    if (in.recycle_stage && in.kind == StepKind::Refresh) {
+    if (recycle && in.kind == StepKind::Refresh) {
         ggml_tensor * score = build_refresh_layer(ctx0, gf, c, il, q_last, kc, mask_last, k_last, v_last, in.rec, n_kv, kq_scale);
         in.refresh->push_back({il, kc, vc, score});
     }
-    if (in.sims) in.sims->push_back(build_query_similarity(ctx0, c, il, q_last));
+    if (in.sims) in.sims->push_back(recycle ? build_query_similarity(ctx0, c, il, q_last) : nullptr);
     if (scores) {
         ggml_tensor * kq = ggml_mul_mat(ctx0, kc, q_last);                      // [n_kv, 1, H]
         kq = ggml_soft_max_ext(ctx0, kq, mask_last, kq_scale, 0.0f);
@@ -117,24 +134,36 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
 
     q = ggml_permute(ctx0, q, 0, 2, 1, 3);  // [D, n, H]
     ggml_tensor * attn;
-    if (in.recycle_stage && in.kind == StepKind::Recycled) {
+    if (recycle && in.kind == StepKind::Recycled) {
         attn = build_recycled_attention(ctx0, gf, c, il, q, k_last, v_last, in.rec, kq_scale);
     } else {
-        attn = ggml_flash_attn_ext(ctx0, q, kc, vc, in.mask, kq_scale, 0.0f, 0.0f);
+        attn = ggml_flash_attn_ext(ctx0, q, kc, vc, mask, kq_scale, 0.0f, 0.0f);
         ggml_prec_set_acc(attn, GGML_PREC_F32);
     }
     attn = ggml_reshape_2d(ctx0, attn, D * H, n);
-    x = ggml_add(ctx0, x, bias(ggml_mul_mat(ctx0, L.wo, attn), L.bo));
+    ggml_tensor * out = bias(ggml_mul_mat(ctx0, L.wo, attn), L.bo);
+    if (n_out < n) {
+        auto last_rows = [&](ggml_tensor * t) { return ggml_view_2d(ctx0, t, t->ne[0], n_out, t->nb[1], (size_t) (n - n_out) * t->nb[1]); };
+        out = last_rows(out);
+        x = last_rows(x);
+    }
+    // gemma3 normalises each sub-block's output (post-norm) before adding it to the residual.
+    x = ggml_add(ctx0, x, norm(out, L.attn_post_norm));
 
-    cur = ggml_mul(ctx0, ggml_rms_norm(ctx0, x, hp.rms_eps), L.ffn_norm);
-    cur = ggml_swiglu_split(ctx0, bias(ggml_mul_mat(ctx0, L.ffn_gate, cur), L.b_gate),
-                            bias(ggml_mul_mat(ctx0, L.ffn_up, cur), L.b_up));
-    return ggml_add(ctx0, x, bias(ggml_mul_mat(ctx0, L.ffn_down, cur), L.b_down));
+    cur = norm(x, L.ffn_norm);
+    ggml_tensor * gate = bias(ggml_mul_mat(ctx0, L.ffn_gate, cur), L.b_gate);
+    ggml_tensor * up = bias(ggml_mul_mat(ctx0, L.ffn_up, cur), L.b_up);
+    cur = hp.gelu ? ggml_geglu_split(ctx0, gate, up) : ggml_swiglu_split(ctx0, gate, up);
+    return ggml_add(ctx0, x, norm(bias(ggml_mul_mat(ctx0, L.ffn_down, cur), L.b_down), L.ffn_post_norm));
 }
 
 ggml_tensor * build_logits(ggml_context * ctx0, const Model & m, ggml_tensor * x) {
     x = ggml_mul(ctx0, ggml_rms_norm(ctx0, x, m.hp.rms_eps), m.output_norm);
-    return ggml_mul_mat(ctx0, m.output, x);
+    x = ggml_mul_mat(ctx0, m.output, x);
+    if (m.hp.final_softcap > 0.0f) {   // c * tanh(logits / c), in llama.cpp's op order
+        x = ggml_scale(ctx0, ggml_tanh(ctx0, ggml_scale(ctx0, x, 1.0f / m.hp.final_softcap)), m.hp.final_softcap);
+    }
+    return x;
 }
 
 void check_status(ggml_status st, const char * what) {
@@ -280,6 +309,7 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     g.in.pos   = new_input(ctx0, GGML_TYPE_I32, n, 1, "pos");
     g.in.cells = new_input(ctx0, GGML_TYPE_I64, n, 1, "cells");
     g.in.mask  = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
+    if (c.model->hp.n_swa > 0) g.in.mask_swa = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask_swa");
     if (b.n_select > 0) g.in.score_bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "score_bias");
     g.in.kind = b.kind;
     g.in.recycle_stage = b.kind != StepKind::Full && !c.rec.stage_all[b.stage];
@@ -299,10 +329,13 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     } else {
         x = ggml_get_rows(ctx0, b.stage == 0 ? c.model->tok_embd : c.aux[b.stage], g.in.rows);
     }
+    // gemma3 scales embeddings by sqrt(n_embd); aux rows (later stages) are hidden states, already scaled.
+    if (b.stage == 0 && c.model->hp.embd_scale != 1.0f) x = ggml_scale(ctx0, x, c.model->hp.embd_scale);
     ggml_tensor * scores = nullptr;
     for (int il = st.il0; il < st.il1; ++il) {
         const bool pruning_layer = b.n_select > 0 && il == st.il1 - 1;
-        x = build_layer(ctx0, g.gf, c, il, x, g.in, n_kv, pruning_layer ? &scores : nullptr);
+        const int n_out = last_stage && il == st.il1 - 1 && b.n_logits > 0 ? b.n_logits : n;
+        x = build_layer(ctx0, g.gf, c, il, x, g.in, n_kv, pruning_layer ? &scores : nullptr, n_out);
     }
     if (!last_stage) {
         // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
@@ -310,6 +343,7 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     }
     build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
     for (ggml_tensor * t : g.sims) {
+        if (!t) continue;   // a sliding-window layer: no similarity
         ggml_set_output(t);
         ggml_build_forward_expand(g.gf, t);
     }
@@ -319,7 +353,6 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
         ggml_build_forward_expand(g.gf, g.selected);
     }
     if (last_stage && b.n_logits > 0) {
-        if (b.n_logits < n) x = ggml_view_2d(ctx0, x, x->ne[0], b.n_logits, x->nb[1], (size_t) (n - b.n_logits) * x->nb[1]);
         g.logits = build_logits(ctx0, *c.model, x);
         ggml_set_output(g.logits);
         ggml_build_forward_expand(g.gf, g.logits);
@@ -377,6 +410,40 @@ struct PhaseClock {
     }
 };
 
+// The attention mask of a batch [n_kv, n]: 0 where row i attends to cell j, -inf elsewhere. A row
+// sees cells at or before its position that `visible` allows; window > 0 also hides cells with
+// pos_row - pos_cell >= window (llama.cpp's LLAMA_SWA_TYPE_STANDARD rule), 0 means no window.
+template <typename Visible>
+std::vector<ggml_fp16_t> build_mask(const Stage & st, const Batch & b, Visible visible, int n_kv, int window) {
+    const int n = (int) b.rows.size();
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
+    std::vector<ggml_fp16_t> mask((size_t) n_kv * n, ninf);
+    auto in_window = [&](int32_t row_pos, int32_t cell_pos) { return window <= 0 || row_pos - cell_pos < window; };
+    if (b.attend_all && st.sorted) {
+        // Causal over position-ordered cells: row i sees a contiguous run of them (the prefill hot path).
+        for (int i = 0; i < n; ++i) {
+            const auto first = window > 0 ? std::upper_bound(st.cell_pos.begin(), st.cell_pos.end(), b.pos[i] - window)
+                                          : st.cell_pos.begin();
+            const auto last = std::upper_bound(st.cell_pos.begin(), st.cell_pos.end(), b.pos[i]);
+            std::fill(mask.begin() + (size_t) i * n_kv + (first - st.cell_pos.begin()),
+                      mask.begin() + (size_t) i * n_kv + (last - st.cell_pos.begin()), zero);
+        }
+        return mask;
+    }
+    for (int i = 0; i < n; ++i) {
+        for (int j = 0; j < st.n_cells; ++j) {
+            const int32_t p = st.cell_pos[j];
+            if (p <= b.pos[i] && in_window(b.pos[i], p) && visible(i, p)) mask[(size_t) i * n_kv + j] = zero;
+        }
+    }
+    return mask;
+}
+
+bool stage_has_swa(const Model & m, const Stage & st) {
+    for (int il = st.il0; il < st.il1; ++il) if (m.hp.is_swa(il)) return true;
+    return false;
+}
+
 template <typename Visible>
 BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
     PhaseClock clock{c.profile.enabled ? &c.profile : nullptr};
@@ -395,23 +462,13 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     st.n_cells += n;
     const int n_kv = std::min(pad_to(st.n_cells, KV_PAD), st.capacity);
 
-    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
-    // A recycled step attends to the recycled cache only: the stage mask would go unused.
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
+    // A recycled step attends to the recycled cache only: the stage mask would go unused, except in
+    // sliding-window layers, which attend over the stage cache at every step (see build_layer).
     const bool stage_mask = !(b.kind == StepKind::Recycled && !c.rec.stage_all[b.stage]);
-    std::vector<ggml_fp16_t> mask(stage_mask ? (size_t) n_kv * n : 0, ninf);
-    if (stage_mask && b.attend_all && st.sorted) {
-        // Causal over position-ordered cells: row i sees a prefix of them (the prefill hot path).
-        for (int i = 0; i < n; ++i) {
-            const int lim = (int) (std::upper_bound(st.cell_pos.begin(), st.cell_pos.end(), b.pos[i]) - st.cell_pos.begin());
-            std::fill(mask.begin() + (size_t) i * n_kv, mask.begin() + (size_t) i * n_kv + lim, zero);
-        }
-    } else if (stage_mask) {
-        for (int i = 0; i < n; ++i) {
-            for (int j = 0; j < st.n_cells; ++j) {
-                if (st.cell_pos[j] <= b.pos[i] && visible(i, st.cell_pos[j])) mask[(size_t) i * n_kv + j] = zero;
-            }
-        }
-    }
+    std::vector<ggml_fp16_t> mask, mask_swa;
+    if (stage_mask) mask = build_mask(st, b, visible, n_kv, 0);
+    if (stage_has_swa(*c.model, st)) mask_swa = build_mask(st, b, visible, n_kv, c.model->hp.n_swa);
     std::vector<float> bias;
     if (b.n_select > 0) {
         bias.assign(n_kv, FORCE_OUT);
@@ -464,14 +521,15 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     set_input(g.in.pos, b.pos.data(), sizeof(int32_t) * n);
     set_input(g.in.cells, cells64.data(), sizeof(int64_t) * n);
     set_input(g.in.mask, mask.data(), sizeof(ggml_fp16_t) * mask.size());
+    set_input(g.in.mask_swa, mask_swa.data(), sizeof(ggml_fp16_t) * mask_swa.size());
     set_input(g.in.score_bias, bias.data(), sizeof(float) * bias.size());
     if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
     clock.lap(Profile::UPLOAD);
     check_status(ggml_backend_sched_graph_compute(c.sched, g.gf), "graph compute");
     clock.lap(Profile::COMPUTE);
     for (ggml_tensor * t : g.sims) {
-        float v = 0.0f;
-        ggml_backend_tensor_get(t, &v, 0, sizeof(float));
+        float v = NAN;
+        if (t) ggml_backend_tensor_get(t, &v, 0, sizeof(float));
         r.sims.push_back(v);
     }
 

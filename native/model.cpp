@@ -76,6 +76,23 @@ struct GgufReader {
         if (!std::isfinite(out)) throw load_error("metadata '" + key + "' is not finite");
         return true;
     }
+    // An integer array (bool, i32 or u32 elements, as llama.cpp accepts); false when absent or not an array.
+    bool get_int_array(const std::string & key, std::vector<int64_t> & out) const {
+        int64_t id = find(key);
+        if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY) return false;
+        const size_t n = gguf_get_arr_n(g, id);
+        const void * data = gguf_get_arr_data(g, id);
+        out.resize(n);
+        for (size_t i = 0; i < n; ++i) {
+            switch (gguf_get_arr_type(g, id)) {
+                case GGUF_TYPE_BOOL:   out[i] = ((const int8_t *) data)[i] != 0; break;
+                case GGUF_TYPE_INT32:  out[i] = ((const int32_t *) data)[i]; break;
+                case GGUF_TYPE_UINT32: out[i] = ((const uint32_t *) data)[i]; break;
+                default: throw load_error("metadata '" + key + "' must be an array of bool, i32 or u32");
+            }
+        }
+        return true;
+    }
     std::string get_str(const std::string & key) const {
         int64_t id = find(key);
         if (id < 0) return "";
@@ -83,6 +100,39 @@ struct GgufReader {
         return gguf_get_val_str(g, id);
     }
 };
+
+// gemma3's extras, with llama.cpp's defaults for keys the file leaves out (src/models/gemma3.cpp:
+// sliding-window pattern 6, i.e. every 6th layer global; SWA RoPE base 10000 at scale 1).
+void read_gemma3(const GgufReader & r, Hparams & hp) {
+    hp.embd_scale = std::sqrt((float) hp.n_embd);
+    hp.gelu = true;
+    hp.scale_q = true;
+    // Gemma 3 27B (62 layers) scales by 1/sqrt(n_embd / n_head) (integer quotient), the others by 1/sqrt(head_dim).
+    if (hp.n_layer == 62) hp.kq_scale = 1.0f / std::sqrt((float) (hp.n_embd / hp.n_head));
+    if (r.get_float(r.arch + ".final_logit_softcapping", hp.final_softcap) && hp.final_softcap < 0.0f) {
+        throw load_error("metadata 'final_logit_softcapping' must be >= 0");
+    }
+    int64_t v = 0;
+    if (!r.get_int(r.arch + ".attention.sliding_window", v) || v == 0) return;   // no SWA layers
+    if (v < 0 || v > (1 << 24)) throw load_error("metadata 'attention.sliding_window' = " + std::to_string(v) + " is invalid");
+    hp.n_swa = (int) v;
+    hp.swa_layer.assign(hp.n_layer, 0);
+    const std::string pkey = r.arch + ".attention.sliding_window_pattern";
+    std::vector<int64_t> flags;
+    if (r.get_int_array(pkey, flags)) {
+        // One flag per layer (llama.cpp would treat missing trailing layers as global; require all).
+        if ((int) flags.size() != hp.n_layer) throw load_error("metadata '" + pkey + "' must have one entry per layer");
+        for (int il = 0; il < hp.n_layer; ++il) hp.swa_layer[il] = flags[il] != 0;
+    } else {
+        // Period n: layers il % n == n - 1 are global, the rest sliding-window; n = 0: all sliding-window.
+        int64_t n = 6;
+        r.get_int(pkey, n);
+        if (n < 0 || n > 4096) throw load_error("metadata '" + pkey + "' = " + std::to_string(n) + " is invalid");
+        for (int il = 0; il < hp.n_layer; ++il) hp.swa_layer[il] = n == 0 || il % n < n - 1;
+    }
+    r.get_float(r.arch + ".rope.freq_base_swa", hp.rope_base_swa);
+    if (!(hp.rope_base_swa > 0.0f)) throw load_error("metadata 'rope.freq_base_swa' must be > 0");
+}
 
 Hparams read_hparams(const GgufReader & r, const ggml_context * meta) {
     Hparams hp;
@@ -142,8 +192,10 @@ Hparams read_hparams(const GgufReader & r, const ggml_context * meta) {
     const ggml_tensor * emb = ggml_get_tensor(const_cast<ggml_context *>(meta), "token_embd.weight");
     if (!emb) throw load_error("missing tensor 'token_embd.weight'");
     hp.n_vocab = (int) emb->ne[1];
-    // llama rotates adjacent pairs; qwen2/qwen3 rotate dimension i with i + rope_dim/2 (NEOX).
+    // llama rotates adjacent pairs; qwen2/qwen3/gemma3 rotate dimension i with i + rope_dim/2 (NEOX).
     hp.rope_mode = hp.arch == "llama" ? GGML_ROPE_TYPE_NORMAL : GGML_ROPE_TYPE_NEOX;
+    hp.kq_scale = 1.0f / std::sqrt((float) hp.head_dim);
+    if (hp.arch == "gemma3") read_gemma3(r, hp);
     return hp;
 }
 
@@ -172,8 +224,8 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     GgufReader r{g, ""};
     r.arch = r.get_str("general.architecture");
     if (r.arch.empty()) throw load_error("missing metadata 'general.architecture'");
-    if (r.arch != "llama" && r.arch != "qwen2" && r.arch != "qwen3") {
-        throw load_error("unsupported architecture '" + r.arch + "' (supported: llama, qwen2, qwen3)");
+    if (r.arch != "llama" && r.arch != "qwen2" && r.arch != "qwen3" && r.arch != "gemma3") {
+        throw load_error("unsupported architecture '" + r.arch + "' (supported: llama, qwen2, qwen3, gemma3)");
     }
 
     std::unique_ptr<Model> m(new Model());
@@ -210,8 +262,9 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     want("token_embd.weight", {E, hp.n_vocab}, &m->tok_embd, true);
     want("output_norm.weight", {E}, &m->output_norm, false);
     m->tied_output = !want("output.weight", {E, hp.n_vocab}, &m->output, false, false);
-    want("rope_freqs.weight", {hp.rope_dim / 2}, &m->rope_freqs, false, false);
-    const bool qk_norm = hp.arch == "qwen3";
+    const bool gemma = hp.arch == "gemma3";
+    if (!gemma) want("rope_freqs.weight", {hp.rope_dim / 2}, &m->rope_freqs, false, false);  // llama3 only
+    const bool qk_norm = hp.arch == "qwen3" || gemma;
     m->layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         LayerWeights & L = m->layers[il];
@@ -225,14 +278,20 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
         want(p + "ffn_gate.weight", {E, hp.n_ff}, &L.ffn_gate, false);
         want(p + "ffn_up.weight", {E, hp.n_ff}, &L.ffn_up, false);
         want(p + "ffn_down.weight", {hp.n_ff, E}, &L.ffn_down, false);
-        // Biases are optional in every arch (llama.cpp loads them when present; qwen2 files have q/k/v).
-        want(p + "attn_q.bias", {QD}, &L.bq, false, false);
-        want(p + "attn_k.bias", {KVD}, &L.bk, false, false);
-        want(p + "attn_v.bias", {KVD}, &L.bv, false, false);
-        want(p + "attn_output.bias", {E}, &L.bo, false, false);
-        want(p + "ffn_gate.bias", {hp.n_ff}, &L.b_gate, false, false);
-        want(p + "ffn_up.bias", {hp.n_ff}, &L.b_up, false, false);
-        want(p + "ffn_down.bias", {E}, &L.b_down, false, false);
+        if (gemma) {
+            want(p + "post_attention_norm.weight", {E}, &L.attn_post_norm, false);
+            want(p + "post_ffw_norm.weight", {E}, &L.ffn_post_norm, false);
+        } else {
+            // Biases are optional in llama/qwen (llama.cpp loads them when present; qwen2 files have
+            // q/k/v); llama.cpp's gemma3 has none (gguf_check rejects them there).
+            want(p + "attn_q.bias", {QD}, &L.bq, false, false);
+            want(p + "attn_k.bias", {KVD}, &L.bk, false, false);
+            want(p + "attn_v.bias", {KVD}, &L.bv, false, false);
+            want(p + "attn_output.bias", {E}, &L.bo, false, false);
+            want(p + "ffn_gate.bias", {hp.n_ff}, &L.b_gate, false, false);
+            want(p + "ffn_up.bias", {hp.n_ff}, &L.b_up, false, false);
+            want(p + "ffn_down.bias", {E}, &L.b_down, false, false);
+        }
         if (qk_norm) {
             want(p + "attn_q_norm.weight", {D}, &L.q_norm, false);
             want(p + "attn_k_norm.weight", {D}, &L.k_norm, false);

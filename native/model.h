@@ -21,7 +21,19 @@ struct Hparams {
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0, head_dim = 0, n_ff = 0;
     int n_ctx_train = 0, rope_dim = 0;
     float rms_eps = 1e-5f, rope_base = 10000.0f, rope_freq_scale = 1.0f;
-    int rope_mode = 0;  // GGML_ROPE_TYPE_NORMAL for llama (adjacent pairs), NEOX for qwen2/qwen3 (halves)
+    int rope_mode = 0;  // GGML_ROPE_TYPE_NORMAL for llama (adjacent pairs), NEOX for qwen2/qwen3/gemma3 (halves)
+    float kq_scale = 0.0f;      // attention logit scale (1/sqrt(head_dim) except gemma3 27B)
+    bool scale_q = false;       // gemma3: q is multiplied by kq_scale before attention (llama.cpp's order)
+    // gemma3 (the defaults leave llama/qwen as they are):
+    float embd_scale = 1.0f;    // token embeddings times sqrt(n_embd)
+    bool gelu = false;          // FFN gate activation: GELU (tanh approximation) instead of SiLU
+    float final_softcap = 0.0f; // > 0: logits = c * tanh(logits / c)
+    // Sliding-window attention: layer il attends only to positions p with pos - p < n_swa when
+    // swa_layer[il]; those layers rotate with their own RoPE base/scale. n_swa 0: no SWA layers.
+    int n_swa = 0;
+    std::vector<char> swa_layer;  // per layer
+    float rope_base_swa = 10000.0f, rope_freq_scale_swa = 1.0f;
+    bool is_swa(int il) const { return n_swa > 0 && swa_layer[il]; }
 };
 
 struct LayerWeights {
@@ -34,6 +46,8 @@ struct LayerWeights {
     ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;
     ggml_tensor * b_gate = nullptr, * b_up = nullptr, * b_down = nullptr;
     ggml_tensor * q_norm = nullptr, * k_norm = nullptr;
+    // gemma3: RMSNorm of the attention output and of the FFN output before each residual add.
+    ggml_tensor * attn_post_norm = nullptr, * ffn_post_norm = nullptr;
 };
 
 struct Model {

@@ -39,6 +39,8 @@ typedef struct plz_model_info {
     int32_t  on_gpu;          // weights live in a GPU buffer
     uint64_t weight_bytes;
     char     backend[64];     // name of the backend that computes the layers
+    int32_t  n_swa;           // sliding window of the SWA layers (gemma3), 0: every layer global
+    int32_t  n_swa_layers;    // how many layers use it
 } plz_model_info;
 
 typedef struct plz_context_params {

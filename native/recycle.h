@@ -7,6 +7,8 @@
 // top-k per KV head (ggml_top_k), and copies those rows with get_rows. A recycled step writes its K/V to
 // the stage cache as always and to the tail, and attends only to the recycled cache: fixed shapes
 // ([.., R, ..]) for every recycled step, so the graph (and CUDA graphs) stay the same.
+// Only global layers take part: gemma3's sliding-window layers attend over their window in the stage
+// cache at every step (build_layer); their rows here are allocated (one layout for all) but unused.
 #pragma once
 #include "ggml.h"
 #include "ggml-backend.h"

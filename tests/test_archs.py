@@ -168,14 +168,14 @@ def test_bad_arch_tensors_raise(tmp_path, arch, kwargs, match):
 def test_unsupported_arch_and_type_raise(tmp_path):
     from pylazy import _native as N
 
-    p = write_stub_gguf(tmp_path / "gemma3.gguf", "gemma3", block_count=1)
-    with pytest.raises(ModelLoadError, match="unsupported architecture 'gemma3'"):
+    p = write_stub_gguf(tmp_path / "gemma2.gguf", "gemma2", block_count=1)
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'gemma2'"):
         Model(p)
     # the native loader refuses it too, should anything reach it unchecked
     h = ctypes.c_void_p()
     params = N.ModelParams(0, 1)
     assert N.lib.plz_model_load(str(p).encode(), ctypes.byref(params), ctypes.byref(h)) == N.PLZ_ERR_LOAD
-    assert "gemma3" in N.last_error()
+    assert "gemma2" in N.last_error()
 
     # A weight stored as I32 (same size as F32, so the file stays consistent) and an unknown type id.
     src = _write_model(tmp_path / "ok.gguf", "qwen2")
