@@ -129,7 +129,11 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
         ggml_tensor * kq = ggml_mul_mat(ctx0, kc, q_last);                      // [n_kv, 1, H]
         kq = ggml_soft_max_ext(ctx0, kq, mask_last, kq_scale, 0.0f);
         kq = ggml_cont(ctx0, ggml_transpose(ctx0, ggml_reshape_2d(ctx0, kq, n_kv, H)));  // [H, n_kv]
-        *scores = ggml_add(ctx0, ggml_reshape_1d(ctx0, ggml_mean(ctx0, kq), n_kv), in.score_bias);
+        ggml_tensor * s = ggml_reshape_1d(ctx0, ggml_mean(ctx0, kq), n_kv);
+        // Optional (LazyPrefill(pool=)): a cell also scores as its best neighbour within lazy_pool cells,
+        // as recycle.cpp does for the same reason (an attended token's followers come along).
+        if (c.lazy_pool > 0) s = ggml_pool_1d(ctx0, s, GGML_OP_POOL_MAX, 2 * c.lazy_pool + 1, 1, c.lazy_pool);
+        *scores = ggml_add(ctx0, s, in.score_bias);
     }
 
     q = ggml_permute(ctx0, q, 0, 2, 1, 3);  // [D, n, H]
@@ -710,11 +714,12 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     return c.release();
 }
 
-void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<float> & keep) {
+void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<float> & keep, int pool) {
     const int L = c->model->hp.n_layer;
     if (c->n_past != 0) throw Error(PLZ_ERR_ARG, "the lazy schedule can only change on an empty context (reset first)");
     if (layers.size() != keep.size()) throw Error(PLZ_ERR_ARG, "lazy layers and keep ratios differ in length");
     if (layers.size() > 32) throw Error(PLZ_ERR_ARG, "at most 32 pruning layers");
+    if (pool < 0 || pool > 64) throw Error(PLZ_ERR_ARG, "lazy pool must be in [0, 64]");
     for (size_t i = 0; i < layers.size(); ++i) {
         if (layers[i] < 0 || layers[i] >= L - 1) throw Error(PLZ_ERR_ARG, "pruning layer " + std::to_string(layers[i]) + " outside [0, n_layer-1)");
         if (i > 0 && layers[i] <= layers[i - 1]) throw Error(PLZ_ERR_ARG, "pruning layers must increase");
@@ -722,6 +727,7 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
         if (i > 0 && keep[i] > keep[i - 1]) throw Error(PLZ_ERR_ARG, "keep ratios must not increase");
     }
     configure_stages(*c, layers, keep);
+    c->lazy_pool = pool;
     c->rec.stage_all.assign(c->stages.size(), 0);
 }
 

@@ -337,8 +337,9 @@ class Llama:
         self._ppl_context = None   # the cache changes: perplexity() may not reuse it
         if self._ctx.n_past == 0:
             schedule = lazy.resolve(self.n_layer()) if lazy is not None else []
-            if schedule != getattr(self._ctx, "lazy_schedule", []):
-                self._ctx.set_lazy(schedule)
+            pool = lazy.pool if lazy is not None and schedule else 0
+            if (schedule, pool) != (self._ctx.lazy_schedule, self._ctx.lazy_pool):
+                self._ctx.set_lazy(schedule, pool)
         pruning = bool(getattr(self._ctx, "lazy_schedule", []))
         n_prompt_before = self._ctx.n_past
         step = len(tokens) if pruning else self.n_batch

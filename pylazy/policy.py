@@ -42,12 +42,19 @@ class LazyPrefill:
         non-increasing, one per layer.
     Both None: the default schedule (0.25, 0.5, 0.75) of depth keeping (0.7, 0.5, 0.3).
     ``LazyPrefill(layers=(), keep=())`` prunes nothing.
+    pool: a token's importance becomes the max over the tokens within ``pool`` positions
+        of it before the top-k, so the tokens after an attended one are kept with it. 0 is
+        the paper's plain top-k; in [0, 64].
     """
 
     layers: Optional[Tuple[LayerSpec, ...]] = None
     keep: Optional[Tuple[float, ...]] = None
+    pool: int = 0
 
     def __post_init__(self) -> None:
+        _check_int("pool", self.pool, 0)
+        if self.pool > 64:
+            raise ValueError(f"pool must be at most 64, got {self.pool}")
         layers, keep = self.layers, self.keep
         if layers is None and keep is None:
             layers, keep = _DEFAULT_LAYERS, _DEFAULT_KEEP

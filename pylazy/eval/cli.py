@@ -28,6 +28,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--ppl-decode", type=int, default=256,
                     help="tokens teacher-forced through decode steps after the context, each scored")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
+    ap.add_argument("--n-gpu-layers", type=int, default=None,
+                    help="layers on the GPU for both backends (-1: all; default: the backend's default)")
     ap.add_argument("--no-share", action="store_true",
                     help="one runner per policy, fresh prefill every call (no shared full prefill)")
     ap.add_argument("--chat", action="store_true", help="use the model's chat template")

@@ -109,8 +109,10 @@ class LlamaCppRunner:
 
 
 def open_runner(model_path: str, n_ctx: int, backend: str, policy: dict,
-                n_threads: Optional[int] = None):
+                n_threads: Optional[int] = None, n_gpu_layers: Optional[int] = None):
     extra = {} if n_threads is None else {"n_threads": n_threads}
+    if n_gpu_layers is not None:
+        extra["n_gpu_layers"] = n_gpu_layers
     if backend == "llama_cpp":
         return LlamaCppRunner(model_path, n_ctx, **extra, **policy)
     if backend == "pylazy":
@@ -251,7 +253,7 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               chat: bool = False, n_samples: int = 1, ppl_tokens: int = 2048,
               ppl_decode: int = 256, runner_factory: Optional[Callable] = None, tokenize: Optional[Callable] = None,
               make_plots: bool = True, n_threads: Optional[int] = None,
-              share_runner: Optional[bool] = None) -> dict:
+              share_runner: Optional[bool] = None, n_gpu_layers: Optional[int] = None) -> dict:
     """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
 
     A policy is a kwargs dict or a callable context_len -> dict. Loops run task-major,
@@ -276,7 +278,7 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     for spec in tasks:
         parse_spec(spec)
     tokenize = tokenize or vocab_tokenizer(model_path)
-    factory = runner_factory or (lambda p, n, kw: open_runner(p, n, backend, kw, n_threads))
+    factory = runner_factory or (lambda p, n, kw: open_runner(p, n, backend, kw, n_threads, n_gpu_layers))
     if share_runner is None:
         share_runner = backend == "pylazy" and runner_factory is None
     suite = make_tasks(tasks, lengths, depths, seed, tokenize, n_samples)
@@ -358,7 +360,7 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
                    "lengths": list(lengths), "tasks": list(tasks), "depths": list(depths),
                    "seed": seed, "quick": quick, "chat": chat, "n_samples": n_samples,
                    "ppl_tokens": ppl_tokens, "ppl_decode": ppl_decode,
-                   "n_threads": n_threads, "shared_prefill": bool(share_runner),
+                   "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "shared_prefill": bool(share_runner),
                    "ttft_note": "ttft_s = the engine's prefill_s where it reports one (else time to "
                                 "the first streamed text); policies with ttft_shared reused the "
                                 "named policy's full-attention prefill of the same prompt and "
@@ -461,7 +463,8 @@ def run_from_args(a: argparse.Namespace) -> dict:
                      quick=a.quick, progress=not a.no_progress, out_dir=a.out, backend=a.backend,
                      chat=a.chat, n_samples=a.samples, ppl_tokens=a.ppl_tokens,
                      ppl_decode=a.ppl_decode,
-                     n_threads=a.threads, share_runner=False if a.no_share else None)
+                     n_threads=a.threads, share_runner=False if a.no_share else None,
+                     n_gpu_layers=a.n_gpu_layers)
 
 
 def main(argv=None):

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Steps of a GPU-machine session, one device call each (the machine keeps /tmp only while warm, ~30 s
+# idle; scripts/README.md). Logs and results go to $OUT.
+#   build      device_build.sh (llama-cpp-python CUDA + pylazy + random 8B file); saves the built
+#              llama-cpp-python to $OUT/prebuilt.tar.xz.* (to carry as .device/prebuilt/ next time)
+#   profile    scripts/op_profile.py: per-op prefill/decode, both engines; refresh/recycled at 64K
+#   bench      scripts/gpu_bench.py (the table of docs/bench-gpu.md)
+#   smol-a|b   SmolLM2 arrives in two halves (.device-smol-a/, .device-smol-b/: 98 MB > one call's 64 MiB)
+#   evals      needle accuracy of lazy/recycle settings on SmolLM2 (GPU), pylazy eval
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/out}
+W=/tmp/pylazy-device
+SMOL=/tmp/smol/SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONUNBUFFERED=1
+PY=/opt/torch/.venv/bin/python3; [[ -x $PY ]] || PY=$(command -v python3)
+
+restore_prebuilt() {
+    if compgen -G ".device/prebuilt/prebuilt.tar.xz.*" >/dev/null && [[ ! -e $W/site/llama_cpp/lib/libllama.so ]]; then
+        mkdir -p "$W/site" && cat .device/prebuilt/prebuilt.tar.xz.* | tar -xJ -C "$W/site" && echo "prebuilt llama-cpp-python restored"
+    fi
+}
+
+for step in "$@"; do
+    echo "======== $step ($(date +%T))"
+    case $step in
+    build)
+        restore_prebuilt
+        bash scripts/device_build.sh 2>&1 | tee "$OUT/build.log" | grep -v '^\[device_build.*\.\.\.' | tail -n 12
+        if [[ ! -e .device/prebuilt ]]; then
+            (cd "$W/site" && tar -c llama_cpp lib include .llama_cpp.stamp 2>/dev/null | xz -T0 -6 > /tmp/prebuilt.tar.xz)
+            sz=$(stat -c %s /tmp/prebuilt.tar.xz); echo "prebuilt: $sz bytes"
+            ((sz < 60000000)) && split -b 15000000 -d /tmp/prebuilt.tar.xz "$OUT/prebuilt.tar.xz."
+        fi ;;
+    profile)
+        . $W/env.sh
+        $PY scripts/op_profile.py --model "$PYLAZY_MODEL_8B" --n 4096 --decode-steps 32 --refresh-depth 65536 --top 22 2>&1 \
+            | grep -v '^llama_\|^load\|^print_info\|^sched_\|^graph_\|^~llama\|^\.\.\.' | tee "$OUT/profile.txt" ;;
+    bench)
+        . $W/env.sh
+        $PY scripts/gpu_bench.py --model "$PYLAZY_MODEL_8B" --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 30 ;;
+    smol-a)
+        mkdir -p /tmp/smol && cp .device-smol-a/smol.part-aa /tmp/smol/ && ls -la /tmp/smol ;;
+    smol-b)
+        cat /tmp/smol/smol.part-aa .device-smol-b/smol.part-ab > "$SMOL" && sha256sum "$SMOL" && cat .device/smol.sha256 ;;
+    evals)
+        . $W/env.sh
+        bash scripts/device_evals.sh "$SMOL" "$OUT" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+    esac
+done
