@@ -185,6 +185,7 @@ struct Batch {
     int n_logits = 0;                  // logits of the last n_logits rows (last stage only)
     StepKind kind = StepKind::Full;    // Refresh/Recycled: one fresh row (decode)
     bool want_sims = false;
+    int tpl_p0 = -1;                   // >= 0: the mask is Context::causal_tpl seen from this position (set by run_batch)
 };
 
 struct BatchResult {
@@ -262,6 +263,7 @@ static void clear_stage_state(Context & c, Stage & s) {
     s.n_cells = 0;
     s.cell_pos.clear();
     s.sorted = true;
+    s.identity = true;
     s.pos_cell.assign(c.n_ctx, -1);
     s.selected.clear();
     s.revived = 0;
@@ -283,6 +285,8 @@ Context::~Context() {
     for (auto & s : stages) free_stage(s);
     if (buf_aux) ggml_backend_buffer_free(buf_aux);
     if (ctx_aux) ggml_free(ctx_aux);
+    if (buf_tpl) ggml_backend_buffer_free(buf_tpl);
+    if (ctx_tpl) ggml_free(ctx_tpl);
 }
 
 // -- graphs --------------------------------------------------------------------------------------
@@ -312,7 +316,12 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     g.in.rows  = new_input(ctx0, GGML_TYPE_I32, n, 1, "rows");
     g.in.pos   = new_input(ctx0, GGML_TYPE_I32, n, 1, "pos");
     g.in.cells = new_input(ctx0, GGML_TYPE_I64, n, 1, "cells");
-    g.in.mask  = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
+    if (b.tpl_p0 >= 0) {
+        ggml_tensor * t = c.causal_tpl;
+        g.in.mask = ggml_cont(ctx0, ggml_view_2d(ctx0, t, n_kv, n, t->nb[1], (size_t) (c.tpl_shift - b.tpl_p0) * t->nb[0]));
+    } else {
+        g.in.mask = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
+    }
     if (c.model->hp.n_swa > 0) g.in.mask_swa = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask_swa");
     if (b.n_select > 0) g.in.score_bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "score_bias");
     g.in.kind = b.kind;
@@ -459,6 +468,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     for (int i = 0; i < n; ++i) {
         if (st.pos_cell[b.pos[i]] >= 0) throw Error(PLZ_ERR_RUNTIME, "internal: token computed twice at a layer");
         if (!st.cell_pos.empty() && b.pos[i] < st.cell_pos.back()) st.sorted = false;
+        if (b.pos[i] != st.n_cells + i) st.identity = false;
         cells[i] = st.n_cells + i;
         st.pos_cell[b.pos[i]] = st.n_cells + i;
         st.cell_pos.push_back(b.pos[i]);
@@ -471,13 +481,21 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     // sliding-window layers, which attend over the stage cache at every step (see build_layer).
     const bool stage_mask = !(b.kind == StepKind::Recycled && !c.rec.stage_all[b.stage]);
     std::vector<ggml_fp16_t> mask, mask_swa;
-    if (stage_mask) mask = build_mask(st, b, visible, n_kv, 0);
+    // Big causal batches over position-numbered cells take their mask from the GPU template.
+    Batch bt = b;
+    if (c.causal_tpl && n > HOST_EMBD_MAX && b.attend_all && st.identity && c.model->hp.n_swa == 0 &&
+        b.kind == StepKind::Full && n <= c.n_ubatch) {
+        bt.tpl_p0 = b.pos[0];
+    }
+    if (stage_mask && bt.tpl_p0 < 0) mask = build_mask(st, b, visible, n_kv, 0);
     if (stage_has_swa(*c.model, st)) mask_swa = build_mask(st, b, visible, n_kv, c.model->hp.n_swa);
     std::vector<float> bias;
     if (b.n_select > 0) {
         bias.assign(n_kv, FORCE_OUT);
         for (int j = 0; j < n_kv; ++j) {
-            if (mask[(size_t) (n - 1) * n_kv + j] == zero) bias[j] = 0.0f;
+            // The last row's view: from the template rule (cells are positions) or the host mask.
+            const bool seen = bt.tpl_p0 >= 0 ? j <= b.pos[n - 1] : mask[(size_t) (n - 1) * n_kv + j] == zero;
+            if (seen) bias[j] = 0.0f;
         }
         bias[cells[n - 1]] = FORCE_IN;
     }
@@ -496,7 +514,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     } else {
         drop_graph_cache(c);
         ggml_backend_sched_reset(c.sched);
-        gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv));
+        gp = std::make_shared<Graph>(build_stage_graph(c, bt, n_kv));
         clock.lap(Profile::BUILD);
         if (!ggml_backend_sched_alloc_graph(c.sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
         clock.lap(Profile::ALLOC);
@@ -524,7 +542,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     }
     set_input(g.in.pos, b.pos.data(), sizeof(int32_t) * n);
     set_input(g.in.cells, cells64.data(), sizeof(int64_t) * n);
-    set_input(g.in.mask, mask.data(), sizeof(ggml_fp16_t) * mask.size());
+    if (!mask.empty()) set_input(g.in.mask, mask.data(), sizeof(ggml_fp16_t) * mask.size());
     set_input(g.in.mask_swa, mask_swa.data(), sizeof(ggml_fp16_t) * mask_swa.size());
     set_input(g.in.score_bias, bias.data(), sizeof(float) * bias.size());
     if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
@@ -689,6 +707,22 @@ static void configure_stages(Context & c, const std::vector<int> & layers, const
     }
 }
 
+static void make_causal_template(Context & c) {
+    c.tpl_shift = pad_to(c.n_ctx, KV_PAD);
+    const int64_t W = c.tpl_shift + c.n_ubatch + KV_PAD, R = c.n_ubatch;
+    ggml_init_params ip = { ggml_tensor_overhead() * 2, nullptr, true };
+    c.ctx_tpl = ggml_init(ip);
+    c.causal_tpl = ggml_new_tensor_2d(c.ctx_tpl, GGML_TYPE_F16, W, R);
+    c.buf_tpl = ggml_backend_alloc_ctx_tensors_from_buft(c.ctx_tpl, ggml_backend_get_default_buffer_type(compute_backend(c)));
+    if (!c.buf_tpl) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the causal mask template");
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
+    std::vector<ggml_fp16_t> row(W);
+    for (int64_t i = 0; i < R; ++i) {
+        for (int64_t j = 0; j < W; ++j) row[j] = j <= c.tpl_shift + i ? zero : ninf;
+        ggml_backend_tensor_set(c.causal_tpl, row.data(), (size_t) i * c.causal_tpl->nb[1], sizeof(ggml_fp16_t) * W);
+    }
+}
+
 Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     const Hparams & hp = model->hp;
     std::unique_ptr<Context> c(new Context());
@@ -711,6 +745,9 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     c->sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), c->graph_size, false, true);
     if (!c->sched) throw Error(PLZ_ERR_RUNTIME, "cannot create the graph scheduler");
     if (per_op) ggml_backend_sched_set_eval_callback(c->sched, plz_op_profile_callback, nullptr);
+    // PYLAZY_MASK_TEMPLATE=1 uses the template on the CPU too (tests: it must not change any logit).
+    const char * tpl = std::getenv("PYLAZY_MASK_TEMPLATE");
+    if (model->backend_gpu || (tpl && std::strcmp(tpl, "1") == 0)) make_causal_template(*c);
     return c.release();
 }
 

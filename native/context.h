@@ -28,6 +28,7 @@ struct Stage {
     int n_cells = 0;                    // cells in use
     std::vector<int32_t> cell_pos;      // token position held by each used cell
     bool sorted = true;                 // cell_pos ascending (revival appends out of order)
+    bool identity = true;               // cell j holds position j for every used cell (stage 0 of a plain prefill)
     std::vector<int32_t> pos_cell;      // position -> cell, -1 when the token was never computed here
     std::vector<int32_t> selected;      // positions chosen into this stage at the last step (s > 0)
     int64_t revived = 0;                // tokens computed here from the aux cache after prefill
@@ -72,6 +73,16 @@ struct Context {
 
     RecycleState rec;
     Profile profile;
+
+    // Causal mask template on the GPU, T[j, i] = 0 if j <= tpl_shift + i else -inf ([tpl_shift + n_ubatch +
+    // KV_PAD, n_ubatch] F16, filled once). For a batch of consecutive positions p0.. over cells that
+    // hold positions 0.. (Stage::identity) the mask is the view starting at column tpl_shift - p0, copied
+    // on the device: measured on the H100, building a 64K x 512 mask on the host and uploading it took
+    // 45 ms per ubatch, a third of a 64K prefill. Null on the CPU (the host mask costs little there).
+    ggml_tensor * causal_tpl = nullptr;
+    int tpl_shift = 0;
+    ggml_context * ctx_tpl = nullptr;
+    ggml_backend_buffer_t buf_tpl = nullptr;
 
     int n_past = 0;
 

@@ -61,7 +61,11 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="pruning layers: ints are indices, floats fractions of depth (implies --lazy)")
     g.add_argument("--lazy-keep", metavar="F,F,...",
                    help="fraction of the prompt kept after each pruning layer (implies --lazy)")
+    g.add_argument("--lazy-pool", type=int, metavar="P",
+                   help="lazy importance max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
     g.add_argument("--recycle-k", type=int, metavar="K", help="recycled attention: top-K tokens per head")
+    g.add_argument("--recycle-pool", type=int, metavar="P",
+                   help="refresh scores max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
     g.add_argument("--stride", type=int, metavar="S", help="full attention every S decode steps (default 16)")
     g.add_argument("--dynamic-threshold", type=float, metavar="T",
                    help="refresh early when query similarity drops below T")
@@ -88,9 +92,10 @@ def policies_from_args(args: argparse.Namespace) -> Tuple[Optional[LazyPrefill],
             if args.lazy_layers is None or args.lazy_keep is None:
                 raise UsageError("--lazy-layers and --lazy-keep go together")
             lazy = LazyPrefill(layers=tuple(_number_list(args.lazy_layers, "--lazy-layers")),
-                               keep=tuple(float(x) for x in _number_list(args.lazy_keep, "--lazy-keep")))
-        elif args.lazy:
-            lazy = LazyPrefill()
+                               keep=tuple(float(x) for x in _number_list(args.lazy_keep, "--lazy-keep")),
+                               **({} if args.lazy_pool is None else {"pool": args.lazy_pool}))
+        elif args.lazy or args.lazy_pool is not None:
+            lazy = LazyPrefill(**({} if args.lazy_pool is None else {"pool": args.lazy_pool}))
         recycle = None
         if args.streaming_window is not None:
             if args.recycle_k is not None:
@@ -102,9 +107,11 @@ def policies_from_args(args: argparse.Namespace) -> Tuple[Optional[LazyPrefill],
                 StreamingWindow(sinks=sizes[0], window=sizes[1])
         elif args.recycle_k is not None:
             recycle = Recycle(k=args.recycle_k, stride=16 if args.stride is None else args.stride,
-                              dynamic_threshold=args.dynamic_threshold)
-        if recycle is None and (args.stride is not None or args.dynamic_threshold is not None):
-            raise UsageError("--stride and --dynamic-threshold need --recycle-k")
+                              dynamic_threshold=args.dynamic_threshold,
+                              **({} if args.recycle_pool is None else {"pool": args.recycle_pool}))
+        if recycle is None and (args.stride is not None or args.dynamic_threshold is not None
+                                or args.recycle_pool is not None):
+            raise UsageError("--stride, --dynamic-threshold and --recycle-pool need --recycle-k")
     except (TypeError, ValueError) as exc:   # the policy classes say which value is wrong
         raise UsageError(str(exc)) from None
     return lazy, recycle

@@ -8,26 +8,21 @@ PY=/opt/torch/.venv/bin/python3; [[ -x $PY ]] || PY=$(command -v python3)
 pol=(
   full='{}'
   lazy_default='{"lazy": LazyPrefill()}'
-  lazy_default_p8='{"lazy": LazyPrefill(pool=8)}'
+  lazy_default_p0='{"lazy": LazyPrefill(pool=0)}'
+  lazy_mid='{"lazy": LazyPrefill(layers=(0.2, 0.4, 0.6), keep=(0.6, 0.4, 0.25))}'
+  lazy_mid2='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25))}'
   lazy_light='{"lazy": LazyPrefill(layers=(0.5, 0.75), keep=(0.7, 0.5))}'
-  lazy_light_p8='{"lazy": LazyPrefill(layers=(0.5, 0.75), keep=(0.7, 0.5), pool=8)}'
-  lazy_aggr='{"lazy": LazyPrefill(layers=(0.1, 0.25, 0.5), keep=(0.5, 0.3, 0.15))}'
-  lazy_aggr_p8='{"lazy": LazyPrefill(layers=(0.1, 0.25, 0.5), keep=(0.5, 0.3, 0.15), pool=8)}'
   rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
-  rec_s16_p4='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=4)}'
-  rec_s16_p8='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=8)}'
-  rec_s16_p16='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=16)}'
-  rec_s32_p8='lambda L: {"recycle": Recycle(k=L // 8, stride=32, pool=8)}'
-  rec_k16_p8='lambda L: {"recycle": Recycle(k=L // 16, stride=16, pool=8)}'
-  rec_dyn09_p8='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=8, dynamic_threshold=0.9)}'
+  rec_s16_p0='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=0)}'
+  rec_dyn09='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
   stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
-  lazy_p8_rec_p8='lambda L: {"lazy": LazyPrefill(pool=8), "recycle": Recycle(k=L // 8, stride=16, pool=8)}'
+  lazy_rec='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
 )
 args=()
 for p in "${pol[@]}"; do args+=(--policy "$p"); done
 t0=$SECONDS
 $PY -m pylazy eval --model "$MODEL" --n-gpu-layers -1 --lengths 2048 4096 7936 \
-    --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples 1 \
+    --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} \
     --ppl-tokens 2048 --ppl-decode 256 --no-progress --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"

@@ -59,8 +59,15 @@ def ref_prefill(llm, toks) -> float:
     return time.perf_counter() - t
 
 
+def median_of(reps, fn):
+    """Median of `reps` calls of fn() (each one measurement): single runs on the GPU vary by 5-10 %."""
+    return float(np.median([fn() for _ in range(reps)]))
+
+
 def ref_decode(llm, n_steps) -> float:
     tok = 1234
+    for _ in range(8):   # warm-up: graph builds and CUDA-graph capture happen in the first steps
+        llm.eval([tok])
     t = time.perf_counter()
     for _ in range(n_steps):
         llm.eval([tok])
@@ -70,6 +77,8 @@ def ref_decode(llm, n_steps) -> float:
 def ours_decode(ctx, n_steps, recycle_stride=0, step_ms=None) -> float:
     """tok/s over n_steps; with step_ms (a dict) also the mean ms of full/refresh and recycled steps."""
     tok = 1234
+    for i in range(2 * recycle_stride if recycle_stride else 8):   # warm-up: graph builds, CUDA-graph capture
+        ctx.decode(tok, recycled=recycle_stride > 0 and i % recycle_stride != 0)
     ctx.decode(tok, recycled=False)  # a refresh first when recycling (not timed)
     times = {"full": [], "recycled": []}
     t = time.perf_counter()
@@ -91,12 +100,14 @@ def main(argv=None):
     ap.add_argument("--decode-steps", type=int, default=64)
     ap.add_argument("--recycle-k", type=int, default=4096)
     ap.add_argument("--stride", type=int, default=16)
+    ap.add_argument("--pool", type=int, default=pylazy.Recycle(k=1).pool, help="Recycle(pool=) of the recycled rows")
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--n-ubatch", type=int, default=512)
     ap.add_argument("--parity-tokens", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: parity,prefill,ttft,decode")
+    ap.add_argument("--reps", type=int, default=3, help="repeats per prefill/decode row (median reported)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     prefill_lens = [int(x) for x in args.prefill.split(",") if x]
@@ -127,7 +138,7 @@ def main(argv=None):
     ref_prefill(llm, tokens(512))  # warm-up
     if "prefill" not in skip or "ttft" not in skip:
         for n in prefill_lens:
-            dt = ref_prefill(llm, tokens(n))
+            dt = median_of(args.reps, lambda: ref_prefill(llm, tokens(n)))
             ref["prefill"][n] = n / dt
             log(f"llama.cpp prefill {n}: {n / dt:.0f} tok/s ({dt:.2f} s)")
     if "decode" not in skip:
@@ -137,7 +148,7 @@ def main(argv=None):
             else:
                 llm.reset()
                 llm.eval([1])
-            ref["decode"][d] = ref_decode(llm, args.decode_steps)
+            ref["decode"][d] = median_of(args.reps, lambda: ref_decode(llm, args.decode_steps))
             log(f"llama.cpp decode at {d}: {ref['decode'][d]:.1f} tok/s")
     del llm
     gc.collect()
@@ -155,10 +166,10 @@ def main(argv=None):
         log("parity", res["parity"])
     ctx = Context(m, n_ctx=n_ctx, n_ubatch=args.n_ubatch)
 
-    def prefill(n, schedule):
+    def prefill(n, schedule, pool=0):
         ctx.reset()
-        if schedule != ctx.lazy_schedule:
-            ctx.set_lazy(schedule)
+        if (schedule, pool) != (ctx.lazy_schedule, ctx.lazy_pool):
+            ctx.set_lazy(schedule, pool)
         toks = tokens(n)
         t = time.perf_counter()
         for i in range(0, n, args.n_batch if not schedule else n):
@@ -168,26 +179,28 @@ def main(argv=None):
     prefill(512, [])  # warm-up
     if "prefill" not in skip:
         for n in prefill_lens:
-            dt = prefill(n, [])
+            dt = median_of(args.reps, lambda: prefill(n, []))
             ours["prefill"][n] = n / dt
             log(f"pylazy prefill {n}: {n / dt:.0f} tok/s ({dt:.2f} s)")
     if "ttft" not in skip:
-        sched = pylazy.LazyPrefill().resolve(m.info.n_layer)
-        prefill(512, sched)
+        lazy = pylazy.LazyPrefill()
+        sched = lazy.resolve(m.info.n_layer)
+        prefill(512, sched, lazy.pool)
         n = max(prefill_lens)
-        dt = prefill(n, sched)
+        dt = median_of(args.reps, lambda: prefill(n, sched, lazy.pool))
         ours["ttft_lazy"][n] = dt
         log(f"pylazy lazy TTFT {n}: {dt:.2f} s; layer cells {ctx.layer_stats()['cells'][-1]}")
         ctx.reset()
-        ctx.set_lazy([])
+        ctx.set_lazy([], 0)
     if "decode" not in skip:
         for d in depths:
             prefill(max(d, 1), [])
             ctx.set_recycle(0)
-            ours["decode_full"][d] = ours_decode(ctx, args.decode_steps)
-            ctx.set_recycle(1, args.recycle_k, args.stride, 0)
+            ours["decode_full"][d] = median_of(args.reps, lambda: ours_decode(ctx, args.decode_steps))
+            ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool)
             ours["step_ms"][d] = {}
-            ours["decode_recycled"][d] = ours_decode(ctx, args.decode_steps, args.stride, ours["step_ms"][d])
+            ours["decode_recycled"][d] = median_of(
+                args.reps, lambda: ours_decode(ctx, args.decode_steps, args.stride, ours["step_ms"][d]))
             ctx.set_recycle(0)
             log(f"pylazy decode at {d}: full {ours['decode_full'][d]:.1f}, recycled {ours['decode_recycled'][d]:.1f} tok/s"
                 f" (ms per refresh / recycled step: {ours['step_ms'][d]})")
