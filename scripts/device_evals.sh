@@ -21,7 +21,7 @@ pol=(
 args=()
 for p in "${pol[@]}"; do args+=(--policy "$p"); done
 t0=$SECONDS
-$PY -m pylazy eval --model "$MODEL" --n-gpu-layers -1 --lengths 2048 4096 7936 \
+$PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths 2048 4096 7936 \
     --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} \
     --ppl-tokens 2048 --ppl-decode 256 --no-progress --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
