@@ -122,7 +122,7 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     ggml_tensor * v_last = ggml_view_3d(ctx0, v3, D, Hkv, 1, v3->nb[1], v3->nb[2], (size_t) (n - 1) * v3->nb[2]);
     if (recycle && in.kind == StepKind::Refresh) {
         ggml_tensor * score = build_refresh_layer(ctx0, gf, c, il, q_last, kc, mask_last, k_last, v_last, in.rec, n_kv, kq_scale);
-        in.refresh->push_back({il, kc, vc, score});
+        in.refresh->push_back({il, kc, vc, score, ggml_permute(ctx0, k_last, 0, 2, 1, 3), ggml_permute(ctx0, v_last, 0, 2, 1, 3)});
     }
     if (in.sims) in.sims->push_back(recycle ? build_query_similarity(ctx0, c, il, q_last) : nullptr);
     if (scores) {

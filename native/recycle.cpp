@@ -53,9 +53,8 @@ ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context
     const Hparams & hp = c.model->hp;
     RecycleState & r = c.rec;
     const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv, G = H / Hkv;
-    // The refresh token itself is the first tail row.
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], ggml_permute(ctx0, k_fresh, 0, 2, 1, 3), in.tail_row));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], ggml_permute(ctx0, v_fresh, 0, 2, 1, 3), in.tail_row));
+    GGML_UNUSED(k_fresh);
+    GGML_UNUSED(v_fresh);   // written as the first tail row by build_refresh_gather, after the gather
     ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_reshape_1d(ctx0, q_last, (int64_t) D * H), r.rq[il]));
     if (r.mode != 1) return nullptr;
     // Scores of the one query: [n_kv, 1, H] -> per KV head the max over its G query heads.
@@ -76,7 +75,14 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
     if (layers.empty()) return;
     RecycleState & r = c.rec;
     const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
-    ggml_tensor * idx_all = nullptr;   // [k, Hkv * n_layers]
+    const int n_kv = (int) layers[0].kc->ne[1];
+    // Top-k mode with at least R candidates takes the top R per head, not k, and gathers all R rows:
+    // the gathered block [D, R, Hkv] then matches the recycled cache's layout, so the F32 -> F16 copy
+    // into it is contiguous (ggml's fast path; the strided copy into [D, k, Hkv] of [D, R, Hkv] cost
+    // 6 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and masked until then.
+    const bool whole = r.mode == 1 && n_kv >= r.rows;
+    const int n_take = whole ? r.rows : r.k;
+    ggml_tensor * idx_all = nullptr;   // [n_take, Hkv * n_layers]
     if (r.mode == 1) {
         // Stack the scores [n_kv, Hkv] of all layers (pairwise concat: log2(L) copies) and sort once.
         std::vector<ggml_tensor *> level;
@@ -87,19 +93,27 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
             if (level.size() % 2) next.push_back(level.back());
             level.swap(next);
         }
-        idx_all = ggml_argsort_top_k(ctx0, level[0], r.k);
+        idx_all = ggml_argsort_top_k(ctx0, level[0], n_take);
     }
     for (size_t j = 0; j < layers.size(); ++j) {
         const int il = layers[j].il;
-        ggml_tensor * idx = idx_all ? ggml_view_2d(ctx0, idx_all, r.k, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1])
+        ggml_tensor * idx = idx_all ? ggml_cont(ctx0, ggml_view_2d(ctx0, idx_all, n_take, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1]))
                                     : in.host_idx;
-        if (idx_all) idx = ggml_cont(ctx0, idx);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx0, idx, r.ridx[il]));
-        // Copy the chosen rows per KV head: get_rows over [D, n_kv, Hkv] with indices [k, Hkv].
-        ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, r.k, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
-        ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, r.k, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].kc, idx), dst_k));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].vc, idx), dst_v));
+        // The chosen cells, for plz_recycle_positions: the first k per head.
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_2d(ctx0, idx, r.k, Hkv, idx->nb[1], 0), r.ridx[il]));
+        // get_rows over [D, n_kv, Hkv] with indices [n_take, Hkv]: per KV head its own cells.
+        ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, n_take, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
+        ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, n_take, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
+        ggml_tensor * out_k = ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].kc, idx), dst_k);
+        ggml_tensor * out_v = ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].vc, idx), dst_v);
+        ggml_build_forward_expand(gf, out_k);
+        ggml_build_forward_expand(gf, out_v);
+        // The refresh token is the first tail row (row k), written after the gather: with `whole` the
+        // gather wrote that row too, so the write goes through the copy's result to order it after it.
+        ggml_tensor * tk = whole ? out_k : r.rk[il];
+        ggml_tensor * tv = whole ? out_v : r.rv[il];
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, tk, layers[j].k_fresh, in.tail_row));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, tv, layers[j].v_fresh, in.tail_row));
     }
 }
 

@@ -52,8 +52,8 @@ struct RecycleInputs {
 
 void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool);
 
-// Refresh, per layer: writes the fresh token's K/V as tail row 0 and keeps its query for similarity
-// checks; returns the layer's token scores [n_kv, Hkv] (top-k mode: softmax of the one query, max over
+// Refresh, per layer: keeps the query for similarity checks (the fresh token's K/V becomes the first
+// tail row in build_refresh_gather); returns the layer's token scores [n_kv, Hkv] (top-k mode: softmax of the one query, max over
 // the query heads of each KV head, plus the candidate bias) or null (sinks + window mode).
 ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
                                   ggml_tensor * kc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
@@ -65,6 +65,7 @@ struct RefreshLayer {
     ggml_tensor * kc;     // [D, n_kv, Hkv] view of the stage cache
     ggml_tensor * vc;
     ggml_tensor * score;  // [n_kv, Hkv] or null
+    ggml_tensor * k_fresh, * v_fresh;  // the refresh token's K/V [D, 1, Hkv]: the first tail row
 };
 
 // Refresh, after the last layer: the top-k cells per (layer, KV head) in ONE sort over all layers'

@@ -8,21 +8,17 @@ PY=/opt/torch/.venv/bin/python3; [[ -x $PY ]] || PY=$(command -v python3)
 pol=(
   full='{}'
   lazy_default='{"lazy": LazyPrefill()}'
-  lazy_default_p0='{"lazy": LazyPrefill(pool=0)}'
-  lazy_mid='{"lazy": LazyPrefill(layers=(0.2, 0.4, 0.6), keep=(0.6, 0.4, 0.25))}'
-  lazy_mid2='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25))}'
-  lazy_light='{"lazy": LazyPrefill(layers=(0.5, 0.75), keep=(0.7, 0.5))}'
+  lazy_60_40_20='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.2))}'
+  lazy_70_50_30='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.7, 0.5, 0.3))}'
   rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
-  rec_s16_p0='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=0)}'
   rec_dyn09='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
   stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
-  lazy_rec='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
 )
 args=()
 for p in "${pol[@]}"; do args+=(--policy "$p"); done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths 2048 4096 7936 \
-    --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} \
+    --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} --seed ${SEED:-0} \
     --ppl-tokens 2048 --ppl-decode 256 --no-progress --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"
