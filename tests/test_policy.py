@@ -22,12 +22,12 @@ def test_lazy_prefill_default_and_equality():
 
 
 @pytest.mark.parametrize("n_layer, expected", [
-    # l = floor(f * n + 0.5) - 1: 30 layers -> 7.5+.5, 15+.5, 22.5+.5 -> 7, 14, 22
-    (30, [(7, 0.7), (14, 0.5), (22, 0.3)]),
-    (32, [(7, 0.7), (15, 0.5), (23, 0.3)]),
-    (4, [(0, 0.7), (1, 0.5), (2, 0.3)]),
+    # l = floor(f * n + 0.4) - 1: 30 layers -> 7.5+.5, 15+.5, 22.5+.5 -> 7, 14, 22
+    (30, [(7, 0.6), (14, 0.4), (22, 0.25)]),
+    (32, [(7, 0.6), (15, 0.4), (23, 0.25)]),
+    (4, [(0, 0.6), (1, 0.4), (2, 0.25)]),
     # 2 layers: every fraction lands on layer 0; merged, the smallest keep wins
-    (2, [(0, 0.3)]),
+    (2, [(0, 0.25)]),
 ])
 def test_lazy_prefill_resolve_fractions(n_layer, expected):
     assert LazyPrefill().resolve(n_layer) == expected
