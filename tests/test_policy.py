@@ -22,7 +22,7 @@ def test_lazy_prefill_default_and_equality():
 
 
 @pytest.mark.parametrize("n_layer, expected", [
-    # l = floor(f * n + 0.4) - 1: 30 layers -> 7.5+.5, 15+.5, 22.5+.5 -> 7, 14, 22
+    # l = floor(f * n + 0.5) - 1: 30 layers -> 7.5+.5, 15+.5, 22.5+.5 -> 7, 14, 22
     (30, [(7, 0.6), (14, 0.4), (22, 0.25)]),
     (32, [(7, 0.6), (15, 0.4), (23, 0.25)]),
     (4, [(0, 0.6), (1, 0.4), (2, 0.25)]),
