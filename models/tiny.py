@@ -199,6 +199,11 @@ def make_tiny_model(
         data = _tensor_bytes(arr, tq)
         raw = tq if tq not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None
         writer.add_tensor(name, data, raw_dtype=raw)
+    return finish(writer, path)
+
+
+def finish(writer: gguf.GGUFWriter, path) -> str:
+    """Write header, metadata and tensors of a filled GGUFWriter, close it; the path as a str."""
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

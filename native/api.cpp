@@ -57,6 +57,14 @@ void plz_model_free(plz_model * model) {
     delete model;
 }
 
+int plz_model_swa_layers(const plz_model * model, int32_t * flags) {
+    return guarded([&] {
+        require(model && flags, "plz_model_swa_layers: null argument");
+        const plz::Hparams & hp = model->m->hp;
+        for (int il = 0; il < hp.n_layer; ++il) flags[il] = hp.is_swa(il) ? 1 : 0;
+    });
+}
+
 int plz_model_get_info(const plz_model * model, plz_model_info * info) {
     return guarded([&] {
         require(model && info, "null argument");

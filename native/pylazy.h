@@ -54,6 +54,8 @@ PLZ_API const char * pylazy_last_error(void);
 PLZ_API int  plz_model_load(const char * path, const plz_model_params * params, plz_model ** out);
 PLZ_API void plz_model_free(plz_model * model);
 PLZ_API int  plz_model_get_info(const plz_model * model, plz_model_info * info);
+// flags[il] = 1 where layer il is a sliding-window layer (n_layer entries).
+PLZ_API int  plz_model_swa_layers(const plz_model * model, int32_t * flags);
 
 PLZ_API int  plz_context_new(plz_model * model, const plz_context_params * params, plz_context ** out);
 PLZ_API void plz_context_free(plz_context * ctx);

@@ -95,6 +95,7 @@ _sigs = {
                                     ctypes.POINTER(ctypes.c_float)]),
     "plz_layer_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64),
                                        ctypes.POINTER(ctypes.c_uint64)]),
+    "plz_model_swa_layers": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32)]),
     "plz_op_profile_reset": (None, []),
     "plz_context_take_profile": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]),
     "plz_op_profile_report": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_int32]),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -70,6 +70,12 @@ def _f32p(a: np.ndarray):
 
 class _Owned:
     """A native handle freed exactly once: close(), the context manager, or (last resort) __del__."""
+
+    def swa_layers(self) -> List[bool]:
+        """Per layer: True where it attends over a sliding window only (gemma3)."""
+        flags = np.zeros(self.info.n_layer, dtype=np.int32)
+        _raise_for(N.lib.plz_model_swa_layers(self._h, _i32p(flags)), "swa layers")
+        return [bool(f) for f in flags]
 
     def close(self) -> None:
         raise NotImplementedError

@@ -39,7 +39,7 @@ import numpy as np
 from .engine import Context, Model
 from .errors import ModelLoadError, PylazyError
 from .models import resolve_model_path
-from .policy import LazyPrefill, Recycle, Step, StreamingWindow, make_stride_policy
+from .policy import LazyPrefill, Recycle, Step, StreamingWindow, make_stride_policy, snap_to_global_layers
 from .sampling import Sampler, SamplingParams, StopMatcher, log_softmax
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
@@ -337,6 +337,7 @@ class Llama:
         self._ppl_context = None   # the cache changes: perplexity() may not reuse it
         if self._ctx.n_past == 0:
             schedule = lazy.resolve(self.n_layer()) if lazy is not None else []
+            schedule = snap_to_global_layers(schedule, self._model.swa_layers())
             pool = lazy.pool if lazy is not None and schedule else 0
             if (schedule, pool) != (self._ctx.lazy_schedule, self._ctx.lazy_pool):
                 self._ctx.set_lazy(schedule, pool)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import List, Literal, NamedTuple, Optional, Protocol, Tuple, Union, runtime_checkable
+from typing import List, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 LayerSpec = Union[int, float]
 
@@ -33,6 +33,12 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_pool(pool) -> None:
+    _check_int("pool", pool, 0)
+    if pool > 64:
+        raise ValueError(f"pool must be at most 64, got {pool}")
 
 
 @dataclass(frozen=True)
@@ -57,9 +63,7 @@ class LazyPrefill:
     pool: int = 8
 
     def __post_init__(self) -> None:
-        _check_int("pool", self.pool, 0)
-        if self.pool > 64:
-            raise ValueError(f"pool must be at most 64, got {self.pool}")
+        _check_pool(self.pool)
         layers, keep = self.layers, self.keep
         if layers is None and keep is None:
             layers, keep = _DEFAULT_LAYERS, _DEFAULT_KEEP
@@ -146,6 +150,30 @@ def keep_count(ratio: float, n_tokens: int) -> int:
     return max(1, min(n_tokens, math.ceil(ratio * n_tokens - 1e-9)))
 
 
+def snap_to_global_layers(schedule: List[Tuple[int, float]], swa: Sequence[bool]) -> List[Tuple[int, float]]:
+    """Move pruning layers off sliding-window layers (gemma3: 5 of every 6).
+
+    A sliding-window layer's last-token attention covers only the last n_swa tokens, so as a pruning
+    layer it scores every older token 0 and the top-k among them is arbitrary. Each pruning layer
+    goes to the nearest global layer that may prune (index < n_layer - 1), the later one on a tie;
+    entries landing together merge with the smallest keep. Without SWA layers: unchanged.
+    """
+    if not any(swa):
+        return list(schedule)
+    n = len(swa)
+    allowed = [il for il in range(n - 1) if not swa[il]]
+    if not allowed:
+        return []
+    out: List[Tuple[int, float]] = []
+    for layer, keep in schedule:
+        target = min(allowed, key=lambda g: (abs(g - layer), -g))
+        if out and out[-1][0] == target:
+            out[-1] = (target, min(out[-1][1], keep))
+        elif not out or target > out[-1][0]:
+            out.append((target, keep))
+    return out
+
+
 @dataclass(frozen=True)
 class Recycle:
     """Recycled attention in decode: full attention every ``stride`` steps picks, per layer
@@ -172,9 +200,7 @@ class Recycle:
         _check_int("k", self.k, 1)
         _check_int("stride", self.stride, 1)
         _check_int("check_every", self.check_every, 1)
-        _check_int("pool", self.pool, 0)
-        if self.pool > 64:
-            raise ValueError(f"pool must be at most 64, got {self.pool}")
+        _check_pool(self.pool)
         t = self.dynamic_threshold
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, Real):

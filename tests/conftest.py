@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from models.tiny import DEFAULT_MODEL_PATH, make_tiny_model  # noqa: E402
+from models.tiny import DEFAULT_MODEL_PATH, finish as finish_gguf, make_tiny_model  # noqa: E402
 
 
 def pytest_configure(config):
@@ -78,8 +78,4 @@ def write_stub_gguf(path, arch, **hparams):
     for key, value in hparams.items():
         w.add_uint32(f"{arch}.{key}", value)
     w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return finish_gguf(w, path)

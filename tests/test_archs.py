@@ -68,17 +68,22 @@ def test_weight_type_matches_llama_cpp(tmp_path, monkeypatch, wtype, arch):
     _assert_matches(path)
 
 
-def test_k_quants_match_llama_cpp(tmp_path):
+# Files as users download them: llama.cpp's own quantizer, so every tensor gets the type (and the
+# fallbacks) a real Q*_K / IQ4 / BF16 file has. `expect` must be among the weight types found.
+@pytest.mark.parametrize("ftype,expect", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q2_K", {"Q2_K"}), ("Q3_K_M", {"Q3_K"}),
+                                          ("Q5_K_M", {"Q5_K"}), ("Q6_K", {"Q6_K"}), ("IQ4_NL", {"IQ4_NL"}),
+                                          ("IQ4_XS", {"IQ4_XS"}), ("BF16", {"BF16"})])
+def test_llama_cpp_quantized_files_match(tmp_path, ftype, expect):
     import llama_cpp
 
     src = tiny.make_tiny_model(tmp_path / "f32.gguf", arch="qwen3", n_embd=256, n_ff=512, n_layer=2, tied_output=True)
-    dst = tmp_path / "q4_k_m.gguf"
+    dst = tmp_path / f"{ftype}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.nthread = THREADS
     assert llama_cpp.llama_model_quantize(src.encode(), str(dst).encode(), ctypes.byref(params)) == 0
     types = {GT(t.ggml_type).name for t in check_gguf(str(dst), supported_archs=("qwen3",)).tensors.values()}
-    assert {"Q4_K", "Q6_K"} <= types, types   # Q4_K_M mixes both
+    assert expect <= types, types
     _assert_matches(dst)
 
 
@@ -127,11 +132,7 @@ def _write_model(path, arch, *, n_embd=64, n_head=4, n_head_kv=2, head_dim=None,
         else:
             arr = rng.standard_normal(shape) * (1.5 if "attn_q" in name or "attn_k" in name else 0.8) / np.sqrt(shape[1])
         w.add_tensor(name, arr.astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return tiny.finish(w, path)
 
 
 def test_qwen3_head_size_from_key_length(tmp_path):

@@ -166,11 +166,7 @@ def _rewrite(src, dst, *, drop=None, add=None):
             w.add_tensor(t.name, np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]), raw_dtype=t.tensor_type)
     if add:
         w.add_tensor(add, np.zeros(64, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(dst)
+    return tiny.finish(w, dst)
 
 
 # ---------------------------------------------------------------- the real Gemma 3 270M

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pylazy.errors import ModelLoadError
+from models.tiny import finish as finish_gguf
 from pylazy.gguf_check import LongArray, check_gguf
 
 from pylazy.models import default_model_path  # noqa: E402
@@ -72,11 +73,7 @@ def write_small_gguf(path, *, arch="llama", spm=False, spm_drop_byte=None, extra
     for name, arr in tensors.items():
         if name not in skip_tensors:
             w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return str(path)
+    return finish_gguf(w, path)
 
 
 @pytest.fixture(scope="module")

@@ -161,3 +161,13 @@ def test_make_stride_policy():
         assert isinstance(policy, StridePolicy)
     with pytest.raises(TypeError):
         make_stride_policy("recycle")
+
+
+def test_snap_to_global_layers():
+    from pylazy.policy import snap_to_global_layers
+    gemma = [il % 6 != 5 for il in range(18)]          # global layers 5, 11, 17 (17 is last: cannot prune)
+    sched = LazyPrefill().resolve(18)                  # layers 4, 8, 13
+    assert [l for l, _ in sched] == [4, 8, 13]
+    assert snap_to_global_layers(sched, gemma) == [(5, 0.6), (11, 0.25)]   # 8 and 13 merge at 11
+    assert snap_to_global_layers(sched, [False] * 18) == sched
+    assert snap_to_global_layers(sched, [True] * 18) == []
