@@ -199,8 +199,9 @@ def _recycled_setup(eng: Engines, options: dict):
     from .policy import Recycle, make_stride_policy
     k = int(options.get("k") or max(64, options.get("depth", 0) // 8))
     stride = int(options.get("stride", 16))
-    eng.ctx.set_recycle(1, k, stride, 0)
-    policy = make_stride_policy(Recycle(k=k, stride=stride))
+    rec = Recycle(k=k, stride=stride)   # the default pool, as users get it
+    eng.ctx.set_recycle(1, k, stride, 0, pool=rec.pool)
+    policy = make_stride_policy(rec)
     policy.recycle_k, policy.stride = k, stride
     return policy
 
