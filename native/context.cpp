@@ -185,7 +185,6 @@ struct Batch {
     int n_logits = 0;                  // logits of the last n_logits rows (last stage only)
     StepKind kind = StepKind::Full;    // Refresh/Recycled: one fresh row (decode)
     bool want_sims = false;
-    int tpl_p0 = -1;                   // >= 0: the mask is Context::causal_tpl seen from this position (set by run_batch)
 };
 
 struct BatchResult {
@@ -303,7 +302,8 @@ struct Graph {
     std::vector<RefreshLayer> refresh;
 };
 
-Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
+// tpl_p0 >= 0: the mask is Context::causal_tpl seen from position tpl_p0 (run_batch decides).
+Graph build_stage_graph(Context & c, const Batch & b, int n_kv, int tpl_p0) {
     const Stage & st = c.stages[b.stage];
     const int n = (int) b.rows.size();
     const bool last_stage = b.stage + 1 == (int) c.stages.size();
@@ -316,9 +316,9 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv) {
     g.in.rows  = new_input(ctx0, GGML_TYPE_I32, n, 1, "rows");
     g.in.pos   = new_input(ctx0, GGML_TYPE_I32, n, 1, "pos");
     g.in.cells = new_input(ctx0, GGML_TYPE_I64, n, 1, "cells");
-    if (b.tpl_p0 >= 0) {
+    if (tpl_p0 >= 0) {
         ggml_tensor * t = c.causal_tpl;
-        g.in.mask = ggml_cont(ctx0, ggml_view_2d(ctx0, t, n_kv, n, t->nb[1], (size_t) (c.tpl_shift - b.tpl_p0) * t->nb[0]));
+        g.in.mask = ggml_cont(ctx0, ggml_view_2d(ctx0, t, n_kv, n, t->nb[1], (size_t) (c.tpl_shift - tpl_p0) * t->nb[0]));
     } else {
         g.in.mask = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
     }
@@ -482,19 +482,19 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     const bool stage_mask = !(b.kind == StepKind::Recycled && !c.rec.stage_all[b.stage]);
     std::vector<ggml_fp16_t> mask, mask_swa;
     // Big causal batches over position-numbered cells take their mask from the GPU template.
-    Batch bt = b;
+    int tpl_p0 = -1;
     if (c.causal_tpl && n > HOST_EMBD_MAX && b.attend_all && st.identity && c.model->hp.n_swa == 0 &&
         b.kind == StepKind::Full && n <= c.n_ubatch) {
-        bt.tpl_p0 = b.pos[0];
+        tpl_p0 = b.pos[0];
     }
-    if (stage_mask && bt.tpl_p0 < 0) mask = build_mask(st, b, visible, n_kv, 0);
+    if (stage_mask && tpl_p0 < 0) mask = build_mask(st, b, visible, n_kv, 0);
     if (stage_has_swa(*c.model, st)) mask_swa = build_mask(st, b, visible, n_kv, c.model->hp.n_swa);
     std::vector<float> bias;
     if (b.n_select > 0) {
         bias.assign(n_kv, FORCE_OUT);
         for (int j = 0; j < n_kv; ++j) {
             // The last row's view: from the template rule (cells are positions) or the host mask.
-            const bool seen = bt.tpl_p0 >= 0 ? j <= b.pos[n - 1] : mask[(size_t) (n - 1) * n_kv + j] == zero;
+            const bool seen = tpl_p0 >= 0 ? j <= b.pos[n - 1] : mask[(size_t) (n - 1) * n_kv + j] == zero;
             if (seen) bias[j] = 0.0f;
         }
         bias[cells[n - 1]] = FORCE_IN;
@@ -514,7 +514,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     } else {
         drop_graph_cache(c);
         ggml_backend_sched_reset(c.sched);
-        gp = std::make_shared<Graph>(build_stage_graph(c, bt, n_kv));
+        gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv, tpl_p0));
         clock.lap(Profile::BUILD);
         if (!ggml_backend_sched_alloc_graph(c.sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
         clock.lap(Profile::ALLOC);
