@@ -541,8 +541,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="speed vs llama-cpp-python on the same model file",
-                              description="Prefill, decode and TTFT speed of pylazy against llama-cpp-python "
-                                          "(same file, threads, n_ctx, ubatch), as markdown tables.")
-    add_arguments(p)
-    p.set_defaults(func=cmd_bench)
+    from .cli import add_command
+    add_command(subparsers, "bench", "speed vs llama-cpp-python on the same model file",
+                "Prefill, decode and TTFT speed of pylazy against llama-cpp-python "
+                "(same file, threads, n_ctx, ubatch), as markdown tables.", add_arguments, cmd_bench)

@@ -26,6 +26,13 @@ from .errors import ModelLoadError
 from .policy import LazyPrefill, Recycle, StreamingWindow
 
 PLUGIN_MODULES = ("pylazy.bench", "pylazy.eval.cli")
+
+
+def add_command(subparsers, name: str, help: str, description: str, add_arguments, func) -> None:
+    """A plugin's subcommand: its parser, its arguments and the function `main` dispatches to."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    add_arguments(p)
+    p.set_defaults(func=func)
 PROGRESS_MIN_TOKENS = 1024   # show a prefill progress bar above this many prompt tokens
 
 

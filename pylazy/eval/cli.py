@@ -40,11 +40,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="accuracy vs speed of attention policies on RULER-style tasks",
-                              description="Run RULER-style tasks under several policies; writes "
-                                          "OUT/results.json and PNG plots.")
-    add_arguments(p)
-    p.set_defaults(func=_cmd_eval)
+    from ..cli import add_command
+    add_command(subparsers, "eval", "accuracy vs speed of attention policies on RULER-style tasks",
+                "Run RULER-style tasks under several policies; writes OUT/results.json and PNG plots.",
+                add_arguments, _cmd_eval)
 
 
 def _cmd_eval(args) -> int:
