@@ -105,7 +105,8 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     }
 
     // Write this batch's K/V into its cells first; the attention below reads the cache after it.
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.k[il], ggml_reshape_2d(ctx0, k, D * Hkv, n), in.cells));
+    // A view (not a reshape) between RoPE and set_rows: ggml's CUDA backend fuses ROPE+VIEW+SET_ROWS.
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.k[il], ggml_view_2d(ctx0, k, D * Hkv, n, k->nb[2], 0), in.cells));
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.v[il], v, in.cells));
 
     // Cache rows viewed as [D, n_kv, Hkv]: per KV head, one row per cell.
@@ -121,8 +122,9 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     ggml_tensor * k_last = ggml_view_3d(ctx0, k, D, Hkv, 1, k->nb[1], k->nb[2], (size_t) (n - 1) * k->nb[2]);
     ggml_tensor * v_last = ggml_view_3d(ctx0, v3, D, Hkv, 1, v3->nb[1], v3->nb[2], (size_t) (n - 1) * v3->nb[2]);
     if (recycle && in.kind == StepKind::Refresh) {
-        ggml_tensor * score = build_refresh_layer(ctx0, gf, c, il, q_last, kc, mask_last, k_last, v_last, in.rec, n_kv, kq_scale);
-        in.refresh->push_back({il, kc, vc, score, ggml_permute(ctx0, k_last, 0, 2, 1, 3), ggml_permute(ctx0, v_last, 0, 2, 1, 3)});
+        ggml_tensor * logits = build_refresh_layer(ctx0, gf, c, il, q_last, kc);
+        in.refresh->push_back({il, kc, vc, logits, ggml_permute(ctx0, k_last, 0, 2, 1, 3), ggml_permute(ctx0, v_last, 0, 2, 1, 3),
+                               mask_last, kq_scale});
     }
     if (in.sims) in.sims->push_back(recycle ? build_query_similarity(ctx0, c, il, q_last) : nullptr);
     if (scores) {
@@ -212,12 +214,20 @@ static ggml_backend_t compute_backend(const Context & c) {
     return c.model->backend_gpu ? c.model->backend_gpu : c.model->backend_cpu;
 }
 
+// An I32 tensor over the memory of an allocated F16 tensor (pairs of halves as one int).
+ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t) {
+    GGML_ASSERT(t->type == GGML_TYPE_F16 && t->ne[0] % 2 == 0);
+    ggml_tensor * a = ggml_new_tensor_4d(ctx, GGML_TYPE_I32, t->ne[0] / 2, t->ne[1], t->ne[2], t->ne[3]);
+    if (ggml_backend_tensor_alloc(buf, a, t->data) != GGML_STATUS_SUCCESS) throw Error(PLZ_ERR_RUNTIME, "cannot alias a cache tensor");
+    return a;
+}
+
 // (Re)allocates the K/V tensors of a stage with `capacity` cells, keeping the first n_cells rows.
 static void alloc_stage(Context & c, Stage & s, int capacity) {
     drop_graph_cache(c);
     const Hparams & hp = c.model->hp;
     const int64_t row = (int64_t) hp.head_dim * hp.n_head_kv;
-    ggml_init_params ip = { ggml_tensor_overhead() * (2 * (s.il1 - s.il0) + 1), nullptr, true };
+    ggml_init_params ip = { ggml_tensor_overhead() * (4 * (s.il1 - s.il0) + 1), nullptr, true };
     ggml_context * ctx = ggml_init(ip);
     std::vector<ggml_tensor *> nk, nv;
     for (int il = s.il0; il < s.il1; ++il) {
@@ -249,6 +259,8 @@ static void alloc_stage(Context & c, Stage & s, int capacity) {
     for (int il = s.il0; il < s.il1; ++il) {
         c.k[il] = nk[il - s.il0];
         c.v[il] = nv[il - s.il0];
+        c.k_bits[il] = bits_alias(ctx, buf, c.k[il]);
+        c.v_bits[il] = bits_alias(ctx, buf, c.v[il]);
     }
 }
 
@@ -678,6 +690,8 @@ static void configure_stages(Context & c, const std::vector<int> & layers, const
     for (auto & s : c.stages) free_stage(s);
     c.stages.clear();
     c.k.assign(hp.n_layer, nullptr);
+    c.k_bits.assign(hp.n_layer, nullptr);
+    c.v_bits.assign(hp.n_layer, nullptr);
     c.v.assign(hp.n_layer, nullptr);
     int il0 = 0;
     for (size_t i = 0; i <= layers.size(); ++i) {

@@ -52,6 +52,9 @@ struct Context {
 
     std::vector<Stage> stages;
     std::vector<ggml_tensor *> k, v;    // per layer, pointing into the layer's stage
+    // The same memory as k, v seen as I32 [head_dim * n_head_kv / 2, capacity]: get_rows on these copies
+    // F16 rows bit for bit (on F16 it converts to F32), which the refresh gather uses (recycle.cpp).
+    std::vector<ggml_tensor *> k_bits, v_bits;
     // aux[s], s >= 1: hidden state entering stage s of every token computed in stage s-1, indexed by
     // position ([n_embd, n_ctx] F32): what a pruned token is revived from.
     std::vector<ggml_tensor *> aux;
@@ -102,6 +105,9 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
 void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * logits_out);
 void reset(Context * c);
 void drop_graph_cache(Context & c);
+
+// An I32 tensor created in ctx over the memory of t, an allocated F16 tensor of buf (two halves per int).
+ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t);
 
 // Forgets every token at position >= n (full attention only), as llama.cpp's cache truncation: the
 // next eval continues at n. Used to reuse a prompt's cache across generations.

@@ -13,7 +13,7 @@ void RecycleState::free_buffers() {
     if (ctx) ggml_free(ctx);
     buf = nullptr;
     ctx = nullptr;
-    rk.clear(); rv.clear(); rq.clear(); ridx.clear();
+    rk.clear(); rv.clear(); rq.clear(); ridx.clear(); rk_bits.clear(); rv_bits.clear();
 }
 
 void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool) {
@@ -33,7 +33,7 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, in
     r.pool = pool;
     r.rows = (k + tail_cap + 255) / 256 * 256;  // CUDA flash attention wants a multiple of 256 keys
     const int L = hp.n_layer, D = hp.head_dim, Hkv = hp.n_head_kv;
-    ggml_init_params ip = { ggml_tensor_overhead() * (4 * L + 1), nullptr, true };
+    ggml_init_params ip = { ggml_tensor_overhead() * (6 * L + 1), nullptr, true };
     r.ctx = ggml_init(ip);
     for (int il = 0; il < L; ++il) {
         r.rk.push_back(ggml_new_tensor_3d(r.ctx, GGML_TYPE_F16, D, r.rows, Hkv));
@@ -45,29 +45,45 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, in
     r.buf = ggml_backend_alloc_ctx_tensors_from_buft(r.ctx, ggml_backend_get_default_buffer_type(be));
     if (!r.buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the recycled cache");
     ggml_backend_buffer_clear(r.buf, 0);
+    for (int il = 0; il < L; ++il) {
+        r.rk_bits.push_back(bits_alias(r.ctx, r.buf, r.rk[il]));
+        r.rv_bits.push_back(bits_alias(r.ctx, r.buf, r.rv[il]));
+    }
 }
 
 ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
-                                  ggml_tensor * kc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
-                                  ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale) {
+                                  ggml_tensor * kc) {
     const Hparams & hp = c.model->hp;
     RecycleState & r = c.rec;
-    const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv, G = H / Hkv;
-    GGML_UNUSED(k_fresh);
-    GGML_UNUSED(v_fresh);   // written as the first tail row by build_refresh_gather, after the gather
+    const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
     ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_reshape_1d(ctx0, q_last, (int64_t) D * H), r.rq[il]));
     if (r.mode != 1) return nullptr;
-    // Scores of the one query: [n_kv, 1, H] -> per KV head the max over its G query heads.
-    ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_mul_mat(ctx0, kc, q_last), mask_last, kq_scale, 0.0f);
-    p = ggml_cont(ctx0, ggml_permute(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, Hkv), 1, 0, 2, 3));  // [G, n_kv, Hkv]
-    p = ggml_pool_1d(ctx0, ggml_reshape_2d(ctx0, p, G, (int64_t) n_kv * Hkv), GGML_OP_POOL_MAX, G, G, 0);
-    p = ggml_reshape_2d(ctx0, p, n_kv, Hkv);
+    // The query heads of a KV head as G columns of one product: its K rows are read once, not G times.
+    return ggml_mul_mat(ctx0, kc, ggml_reshape_3d(ctx0, q_last, D, H / Hkv, Hkv));   // [n_kv, G, Hkv]
+}
+
+// Per (layer, KV head) row of [n_kv, rows]: the score of each cell, max over the query heads of the
+// group of their attention probability, max-pooled over +-pool cells.
+static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r, const std::vector<RefreshLayer> & layers) {
+    ggml_tensor * l0 = layers[0].logits;
+    const int64_t n_kv = l0->ne[0], G = l0->ne[1], Hkv = l0->ne[2], per_layer = G * Hkv;
+    const int64_t n_rows = per_layer * (int64_t) layers.size();
+    // Stack: the first layer padded to all rows, the others copied into place.
+    ggml_tensor * all = ggml_pad(ctx0, ggml_reshape_2d(ctx0, l0, n_kv, per_layer), 0, (int) (n_rows - per_layer), 0, 0);
+    for (size_t j = 1; j < layers.size(); ++j) {
+        all = ggml_set_1d_inplace(ctx0, all, ggml_reshape_1d(ctx0, layers[j].logits, n_kv * per_layer),
+                                  (size_t) j * per_layer * n_kv * sizeof(float));
+    }
+    ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_reshape_3d(ctx0, all, n_kv, 1, n_rows), layers[0].mask, layers[0].kq_scale, 0.0f);
     // A refresh query attends to where the answer *starts*; the tokens right after it are read by the
     // next steps but score low now (a copied number is read one digit per step). Max-pooling along the
     // cells (SnapKV clusters scores the same way) brings them in; cells are in position order except
-    // where lazy revival appended cells out of order.
+    // where lazy revival appended cells out of order. (Two pools, heads then cells: one 2-D pool over
+    // both reads G x (2 pool + 1) values per cell, slower on the CPU, where pools run on one thread.)
+    p = ggml_pool_2d(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, n_rows / G), GGML_OP_POOL_MAX, 1, (int) G, 1, (int) G, 0.0f, 0.0f);
+    p = ggml_reshape_2d(ctx0, p, n_kv, n_rows / G);   // [n_kv, Hkv * n_layers]
     if (r.pool > 0) p = ggml_pool_1d(ctx0, p, GGML_OP_POOL_MAX, 2 * r.pool + 1, 1, r.pool);
-    return ggml_add(ctx0, p, in.bias);
+    return p;
 }
 
 void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
@@ -77,43 +93,38 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
     const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
     const int n_kv = (int) layers[0].kc->ne[1];
     // Top-k mode with at least R candidates takes the top R per head, not k, and gathers all R rows:
-    // the gathered block [D, R, Hkv] then matches the recycled cache's layout, so the F32 -> F16 copy
-    // into it is contiguous (ggml's fast path; the strided copy into [D, k, Hkv] of [D, R, Hkv] cost
-    // 6 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and masked until then.
+    // the gathered block [D, R, Hkv] then has the recycled cache's layout and is copied there as one
+    // contiguous block. It is gathered as I32 pairs of halves (the *_bits views), so the rows go over
+    // bit for bit with no F32 round trip (get_rows of F16 returns F32: the F32 block plus its F16
+    // conversion cost ~9 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and
+    // masked until then.
     const bool whole = r.mode == 1 && n_kv >= r.rows;
     const int n_take = whole ? r.rows : r.k;
     ggml_tensor * idx_all = nullptr;   // [n_take, Hkv * n_layers]
-    if (r.mode == 1) {
-        // Stack the scores [n_kv, Hkv] of all layers (pairwise concat: log2(L) copies) and sort once.
-        std::vector<ggml_tensor *> level;
-        for (const auto & l : layers) level.push_back(l.score);
-        while (level.size() > 1) {
-            std::vector<ggml_tensor *> next;
-            for (size_t i = 0; i + 1 < level.size(); i += 2) next.push_back(ggml_concat(ctx0, level[i], level[i + 1], 1));
-            if (level.size() % 2) next.push_back(level.back());
-            level.swap(next);
-        }
-        idx_all = ggml_argsort_top_k(ctx0, level[0], n_take);
-    }
+    if (r.mode == 1) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers), in.bias), n_take);
     for (size_t j = 0; j < layers.size(); ++j) {
         const int il = layers[j].il;
         ggml_tensor * idx = idx_all ? ggml_cont(ctx0, ggml_view_2d(ctx0, idx_all, n_take, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1]))
                                     : in.host_idx;
         // The chosen cells, for plz_recycle_positions: the first k per head.
         ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_2d(ctx0, idx, r.k, Hkv, idx->nb[1], 0), r.ridx[il]));
-        // get_rows over [D, n_kv, Hkv] with indices [n_take, Hkv]: per KV head its own cells.
-        ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, n_take, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
-        ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, n_take, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
-        ggml_tensor * out_k = ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].kc, idx), dst_k);
-        ggml_tensor * out_v = ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].vc, idx), dst_v);
-        ggml_build_forward_expand(gf, out_k);
-        ggml_build_forward_expand(gf, out_v);
-        // The refresh token is the first tail row (row k), written after the gather: with `whole` the
-        // gather wrote that row too, so the write goes through the copy's result to order it after it.
-        ggml_tensor * tk = whole ? out_k : r.rk[il];
-        ggml_tensor * tv = whole ? out_v : r.rv[il];
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, tk, layers[j].k_fresh, in.tail_row));
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, tv, layers[j].v_fresh, in.tail_row));
+        if (whole) {
+            // get_rows over [D/2, n_kv, Hkv] (I32) with indices [R, Hkv]: per KV head its own cells.
+            for (auto kv : { std::make_pair(c.k_bits[il], r.rk_bits[il]), std::make_pair(c.v_bits[il], r.rv_bits[il]) }) {
+                ggml_tensor * src = ggml_view_3d(ctx0, kv.first, D / 2, n_kv, Hkv, kv.first->nb[1], (D / 2) * sizeof(int32_t), 0);
+                ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, src, idx), kv.second));
+            }
+        } else {
+            // Fewer cells than R (short contexts) or sinks + window: F32 rows into the first k rows.
+            ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, n_take, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
+            ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, n_take, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].kc, idx), dst_k));
+            ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].vc, idx), dst_v));
+        }
+        // The refresh token is the first tail row (row k), written after the gather (graph order: the
+        // gather of a whole block wrote that row too).
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], layers[j].k_fresh, in.tail_row));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], layers[j].v_fresh, in.tail_row));
     }
 }
 

@@ -35,6 +35,7 @@ struct RecycleState {
     ggml_context * ctx = nullptr;
     ggml_backend_buffer_t buf = nullptr;
     std::vector<ggml_tensor *> rk, rv;  // per layer [D, R, Hkv] F16
+    std::vector<ggml_tensor *> rk_bits, rv_bits;  // the same memory as I32 [D / 2, R, Hkv]
     std::vector<ggml_tensor *> rq;     // per layer [D * H] F32: the query of the last refresh
     std::vector<ggml_tensor *> ridx;  // per layer [k, Hkv] I32: cells chosen at the last refresh
     int64_t full_steps = 0, recycled_steps = 0;
@@ -53,24 +54,27 @@ struct RecycleInputs {
 void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool);
 
 // Refresh, per layer: keeps the query for similarity checks (the fresh token's K/V becomes the first
-// tail row in build_refresh_gather); returns the layer's token scores [n_kv, Hkv] (top-k mode: softmax of the one query, max over
-// the query heads of each KV head, plus the candidate bias) or null (sinks + window mode).
+// tail row in build_refresh_gather); returns the layer's raw attention logits of the one query
+// [n_kv, G, Hkv] (top-k mode; G query heads per KV head) or null (sinks + window mode).
 ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il, ggml_tensor * q_last,
-                                  ggml_tensor * kc, ggml_tensor * mask_last, ggml_tensor * k_fresh,
-                                  ggml_tensor * v_fresh, const RecycleInputs & in, int n_kv, float kq_scale);
+                                  ggml_tensor * kc);
 
-// A refreshed layer's cache views and scores, kept until the end of the graph.
+// A refreshed layer's cache views and logits, kept until the end of the graph.
 struct RefreshLayer {
     int il;
     ggml_tensor * kc;     // [D, n_kv, Hkv] view of the stage cache
     ggml_tensor * vc;
-    ggml_tensor * score;  // [n_kv, Hkv] or null
+    ggml_tensor * logits; // [n_kv, G, Hkv] or null
     ggml_tensor * k_fresh, * v_fresh;  // the refresh token's K/V [D, 1, Hkv]: the first tail row
+    ggml_tensor * mask;   // the fresh row's attention mask [n_kv, 1] (the same at every layer of a stage)
+    float kq_scale;
 };
 
-// Refresh, after the last layer: the top-k cells per (layer, KV head) in ONE sort over all layers'
-// scores (ggml's CUDA top_k runs one CUB call per row: 8 rows x 32 layers cost ~30 ms at 64K), then
-// per layer get_rows of those cells into the recycled cache.
+// Refresh, after the last layer: all layers' logits stacked, then ONE softmax (scale and mask of the
+// fresh row), ONE max-pool over the query heads of each KV head and the neighbouring cells, ONE top-k
+// sort over every (layer, KV head) row: per-layer ops had launched 32-row kernels over 64K columns
+// (too few blocks) and ggml's CUDA top_k runs one CUB call per row. Then per layer get_rows of the
+// chosen cells into the recycled cache.
 void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
                           const RecycleInputs & in);
 

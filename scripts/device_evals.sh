@@ -2,6 +2,8 @@
 # Needle accuracy (RULER niah single/multikey/multivalue) and perplexity of lazy-prefill and
 # recycled-attention settings on SmolLM2, on the GPU machine (scripts/device_run.sh evals): the sweep
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
+# Env: SAMPLES, SEED; SET=recycle runs only recycling settings at 4K/8K (the recycling issue's range)
+# with no perplexity.
 set -uo pipefail
 MODEL=$1 OUT=$2
 PY=/opt/torch/.venv/bin/python3; [[ -x $PY ]] || PY=$(command -v python3)
@@ -14,11 +16,23 @@ pol=(
   rec_dyn09='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
   stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
 )
+lengths=(2048 4096 7936) ppl=2048
+if [[ ${SET:-} == recycle ]]; then
+  pol=(
+    full='{}'
+    rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
+    rec_s16_p16='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=16)}'
+    rec_s8='lambda L: {"recycle": Recycle(k=L // 8, stride=8)}'
+    rec_k4_s16='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'
+    stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
+  )
+  lengths=(4096 7936) ppl=0
+fi
 args=()
 for p in "${pol[@]}"; do args+=(--policy "$p"); done
 t0=$SECONDS
-$PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths 2048 4096 7936 \
+$PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
     --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} --seed ${SEED:-0} \
-    --ppl-tokens 2048 --ppl-decode 256 --no-progress --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
+    --ppl-tokens $ppl --ppl-decode 256 --no-progress --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"
