@@ -197,8 +197,10 @@ struct BatchResult {
 }  // namespace
 
 void drop_graph_cache(Context & c) {
-    c.graph_cache.reset();
-    c.graph_key.clear();
+    for (int i = 0; i < 2; ++i) {
+        c.graph_cache[i].reset();
+        c.graph_key[i].clear();
+    }
 }
 
 // -- storage -------------------------------------------------------------------------------------
@@ -290,8 +292,10 @@ void Profile::print() const {
 
 Context::~Context() {
     if (profile.enabled) profile.print();
-    graph_cache.reset();
-    if (sched) ggml_backend_sched_free(sched);
+    for (int i = 0; i < 2; ++i) {
+        graph_cache[i].reset();
+        if (sched[i]) ggml_backend_sched_free(sched[i]);
+    }
     rec.free_buffers();
     for (auto & s : stages) free_stage(s);
     if (buf_aux) ggml_backend_buffer_free(buf_aux);
@@ -513,26 +517,29 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     }
 
     BatchResult r;
-    const bool reusable = c.stages.size() == 1 && n == 1 && b.n_select == 0;
+    const bool reusable = c.graph_reuse && c.stages.size() == 1 && n == 1 && b.n_select == 0;
     std::string key;
     if (reusable) {
         key = std::to_string((int) b.kind) + "/" + std::to_string(n_kv) + "/" + std::to_string(b.n_logits) + "/" +
               std::to_string(b.want_sims) + "/" + std::to_string((int) c.rec.stage_all[b.stage]) + "/" + std::to_string(c.rec.rows);
     }
+    const int slot = b.kind == StepKind::Refresh ? 1 : 0;
+    ggml_backend_sched_t sched = c.sched[slot];
     std::shared_ptr<Graph> gp;
     clock.lap(Profile::HOST_INPUTS);
-    if (reusable && c.graph_cache && key == c.graph_key) {
-        gp = std::static_pointer_cast<Graph>(c.graph_cache);
+    if (reusable && c.graph_cache[slot] && key == c.graph_key[slot]) {
+        gp = std::static_pointer_cast<Graph>(c.graph_cache[slot]);
     } else {
-        drop_graph_cache(c);
-        ggml_backend_sched_reset(c.sched);
+        c.graph_cache[slot].reset();
+        c.graph_key[slot].clear();
+        ggml_backend_sched_reset(sched);
         gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv, tpl_p0));
         clock.lap(Profile::BUILD);
-        if (!ggml_backend_sched_alloc_graph(c.sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
+        if (!ggml_backend_sched_alloc_graph(sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
         clock.lap(Profile::ALLOC);
         if (reusable) {
-            c.graph_cache = gp;
-            c.graph_key = key;
+            c.graph_cache[slot] = gp;
+            c.graph_key[slot] = key;
         }
     }
     Graph & g = *gp;
@@ -559,7 +566,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     set_input(g.in.score_bias, bias.data(), sizeof(float) * bias.size());
     if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
     clock.lap(Profile::UPLOAD);
-    check_status(ggml_backend_sched_graph_compute(c.sched, g.gf), "graph compute");
+    check_status(ggml_backend_sched_graph_compute(sched, g.gf), "graph compute");
     clock.lap(Profile::COMPUTE);
     for (ggml_tensor * t : g.sims) {
         float v = NAN;
@@ -747,6 +754,8 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     const char * prof = std::getenv("PYLAZY_PROFILE");
     c->profile.enabled = prof && *prof && std::strcmp(prof, "0") != 0;
     const bool per_op = prof && std::strcmp(prof, "ops") == 0;
+    const char * reuse = std::getenv("PYLAZY_GRAPH_REUSE");
+    c->graph_reuse = !(reuse && std::strcmp(reuse, "0") == 0);
     configure_stages(*c, {}, {});
     c->rec.stage_all.assign(c->stages.size(), 0);
 
@@ -756,9 +765,11 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     std::vector<ggml_backend_t> backends;
     if (model->backend_gpu) backends.push_back(model->backend_gpu);
     backends.push_back(model->backend_cpu);
-    c->sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), c->graph_size, false, true);
-    if (!c->sched) throw Error(PLZ_ERR_RUNTIME, "cannot create the graph scheduler");
-    if (per_op) ggml_backend_sched_set_eval_callback(c->sched, plz_op_profile_callback, nullptr);
+    for (auto & sched : c->sched) {
+        sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), c->graph_size, false, true);
+        if (!sched) throw Error(PLZ_ERR_RUNTIME, "cannot create the graph scheduler");
+        if (per_op) ggml_backend_sched_set_eval_callback(sched, plz_op_profile_callback, nullptr);
+    }
     // PYLAZY_MASK_TEMPLATE=1 uses the template on the CPU too (tests: it must not change any logit).
     const char * tpl = std::getenv("PYLAZY_MASK_TEMPLATE");
     if (model->backend_gpu || (tpl && std::strcmp(tpl, "1") == 0)) make_causal_template(*c);

@@ -61,12 +61,16 @@ struct Context {
     ggml_context * ctx_aux = nullptr;
     ggml_backend_buffer_t buf_aux = nullptr;
 
-    ggml_backend_sched_t sched = nullptr;
-    // The last one-token graph, reused while the next step has the same shape: building and
-    // allocating it is skipped, and ggml's CUDA graph for it stays valid. Dropped whenever another
-    // graph is built or a cache tensor it points at is reallocated.
-    std::shared_ptr<void> graph_cache;
-    std::string graph_key;
+    // Two schedulers, [0] for prefill, full and recycled steps, [1] for refresh steps, each with its
+    // last one-token graph, reused while the next step of that kind has the same shape: building and
+    // allocating it is skipped, and ggml's CUDA graph for it stays valid. With one scheduler, a refresh
+    // evicted the recycled graph and the next refresh rebuilt its own (~2 000 nodes) every stride. A
+    // cached graph is dropped when its scheduler builds another or a cache tensor it points at is
+    // reallocated.
+    ggml_backend_sched_t sched[2] = {nullptr, nullptr};
+    std::shared_ptr<void> graph_cache[2];
+    std::string graph_key[2];
+    bool graph_reuse = true;            // PYLAZY_GRAPH_REUSE=0 rebuilds every graph (tests compare the two)
     std::vector<uint8_t> graph_meta;    // memory for graph-building ggml contexts
     // Refresh graphs are built in their own memory: ggml's CUDA backend keys its CUDA graphs by the
     // address of a graph's first node, so refresh and recycled steps then keep one CUDA graph each

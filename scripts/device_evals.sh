@@ -3,7 +3,8 @@
 # recycled-attention settings on SmolLM2, on the GPU machine (scripts/device_run.sh evals): the sweep
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
 # Env: SAMPLES, SEED; SET=recycle runs only recycling settings at 4K/8K (the recycling issue's range)
-# with no perplexity.
+# with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
+# machine's Python (2026-11-23, after the table was written); plot results.json locally.
 set -uo pipefail
 MODEL=$1 OUT=$2
 PY=/opt/torch/.venv/bin/python3; [[ -x $PY ]] || PY=$(command -v python3)
@@ -33,6 +34,6 @@ for p in "${pol[@]}"; do args+=(--policy "$p"); done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
     --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} --seed ${SEED:-0} \
-    --ppl-tokens $ppl --ppl-decode 256 --no-progress --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
+    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"

@@ -150,3 +150,26 @@ def test_bad_recycle_values(tiny):
             ctx.set_recycle(1, 8, 1000, 0)
         with pytest.raises(ValueError):
             ctx.set_recycle(1, 8, 16, 0, pool=65)
+
+
+def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
+    """Refresh and recycled steps each keep their graph (two schedulers) across the stride; logits over
+    several refreshes equal those of a context that rebuilds every graph."""
+    m, hp, w = tiny
+    prompt = np.random.default_rng(7).integers(100, 40000, size=60).tolist()
+
+    def run():
+        out = []
+        with Context(m, n_ctx=256) as ctx:
+            ctx.set_recycle(1, 8, 4, 0, pool=2)
+            logits = ctx.eval(prompt)
+            for i in range(24):
+                logits, ran, _ = ctx.decode(int(logits.argmax()), recycled=i % 4 != 0)
+                assert ran == (i % 4 != 0)
+                out.append(logits.copy())
+        return np.array(out)
+
+    cached = run()
+    monkeypatch.setenv("PYLAZY_GRAPH_REUSE", "0")
+    rebuilt = run()
+    assert np.array_equal(cached, rebuilt)

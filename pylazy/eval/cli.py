@@ -35,6 +35,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--chat", action="store_true", help="use the model's chat template")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-plots", action="store_true",
+                    help="results.json and the table only (plot later with pylazy.eval.plots.plot_all)")
     ap.add_argument("--out", default="out/eval")
 
 

@@ -464,7 +464,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
                      chat=a.chat, n_samples=a.samples, ppl_tokens=a.ppl_tokens,
                      ppl_decode=a.ppl_decode,
                      n_threads=a.threads, share_runner=False if a.no_share else None,
-                     n_gpu_layers=a.n_gpu_layers)
+                     n_gpu_layers=a.n_gpu_layers, make_plots=not a.no_plots)
 
 
 def main(argv=None):
