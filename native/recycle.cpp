@@ -104,15 +104,22 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
     if (r.mode == 1) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers), in.bias), n_take);
     for (size_t j = 0; j < layers.size(); ++j) {
         const int il = layers[j].il;
-        ggml_tensor * idx = idx_all ? ggml_cont(ctx0, ggml_view_2d(ctx0, idx_all, n_take, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1]))
+        // Layer j's rows of idx_all: a contiguous view, used as it is.
+        ggml_tensor * idx = idx_all ? ggml_view_2d(ctx0, idx_all, n_take, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1])
                                     : in.host_idx;
         // The chosen cells, for plz_recycle_positions: the first k per head.
         ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_2d(ctx0, idx, r.k, Hkv, idx->nb[1], 0), r.ridx[il]));
         if (whole) {
-            // get_rows over [D/2, n_kv, Hkv] (I32) with indices [R, Hkv]: per KV head its own cells.
+            // get_rows over [D/2, n_kv, Hkv] (I32) with indices [R, Hkv]: per KV head its own cells. Its
+            // result is placed on the recycled cache's memory (the allocator leaves a tensor that has
+            // memory alone), so the rows land there with no copy.
             for (auto kv : { std::make_pair(c.k_bits[il], r.rk_bits[il]), std::make_pair(c.v_bits[il], r.rv_bits[il]) }) {
                 ggml_tensor * src = ggml_view_3d(ctx0, kv.first, D / 2, n_kv, Hkv, kv.first->nb[1], (D / 2) * sizeof(int32_t), 0);
-                ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, src, idx), kv.second));
+                ggml_tensor * rows = ggml_get_rows(ctx0, src, idx);   // [D/2, R, Hkv] I32, the recycled cache's shape
+                if (ggml_backend_tensor_alloc(r.buf, rows, kv.second->data) != GGML_STATUS_SUCCESS) {
+                    throw Error(PLZ_ERR_RUNTIME, "cannot place the refresh gather in the recycled cache");
+                }
+                ggml_build_forward_expand(gf, rows);
             }
         } else {
             // Fewer cells than R (short contexts) or sinks + window: F32 rows into the first k rows.
