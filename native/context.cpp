@@ -2,6 +2,9 @@
 // how one batch of rows goes through one stage, prefill_lazy() and step() for the two ways tokens
 // are scheduled through the stages.
 #include "context.h"
+#ifdef PLZ_CUDA_GATHER
+#include "gather_cuda.h"
+#endif
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -316,6 +319,7 @@ struct Graph {
     ggml_tensor * selected = nullptr;   // I32 [n_select] cells chosen for the next stage
     std::vector<ggml_tensor *> sims;
     std::vector<RefreshLayer> refresh;
+    ggml_tensor * gather_idx = nullptr; // sorted cells for the CUDA gather kernel (build_refresh_gather)
 };
 
 // tpl_p0 >= 0: the mask is Context::causal_tpl seen from position tpl_p0 (run_batch decides).
@@ -370,7 +374,7 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv, int tpl_p0) {
         // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
         ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, c.aux[b.stage + 1], x, g.in.pos));
     }
-    build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
+    g.gather_idx = build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
     for (ggml_tensor * t : g.sims) {
         if (!t) continue;   // a sliding-window layer: no similarity
         ggml_set_output(t);
@@ -473,6 +477,23 @@ bool stage_has_swa(const Model & m, const Stage & st) {
     return false;
 }
 
+// The refresh copies of a graph built for the CUDA gather kernel (the graph has synchronized).
+void run_cuda_gather(Context & c, const std::vector<RefreshLayer> & layers, const ggml_tensor * sorted, int own_cell) {
+#ifdef PLZ_CUDA_GATHER
+    const RecycleState & r = c.rec;
+    std::vector<plz_gather_layer> ptrs;
+    for (const auto & l : layers) ptrs.push_back({c.k[l.il]->data, c.v[l.il]->data, r.rk[l.il]->data, r.rv[l.il]->data});
+    const Hparams & hp = c.model->hp;
+    if (!plz_cuda_gather(ptrs.data(), (int) ptrs.size(), (const int32_t *) sorted->data, sorted->nb[1] / sizeof(int32_t),
+                         r.rows, hp.n_head_kv, hp.head_dim * (int) sizeof(ggml_fp16_t), c.k[layers[0].il]->nb[1], r.k, own_cell)) {
+        throw Error(PLZ_ERR_RUNTIME, "the CUDA refresh gather failed");
+    }
+#else
+    GGML_UNUSED(c); GGML_UNUSED(layers); GGML_UNUSED(sorted); GGML_UNUSED(own_cell);
+    throw Error(PLZ_ERR_RUNTIME, "internal: CUDA gather requested in a build without it");
+#endif
+}
+
 template <typename Visible>
 BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
     PhaseClock clock{c.profile.enabled ? &c.profile : nullptr};
@@ -567,6 +588,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
     clock.lap(Profile::UPLOAD);
     check_status(ggml_backend_sched_graph_compute(sched, g.gf), "graph compute");
+    if (g.gather_idx) run_cuda_gather(c, g.refresh, g.gather_idx, cells[n - 1]);
     clock.lap(Profile::COMPUTE);
     for (ggml_tensor * t : g.sims) {
         float v = NAN;
@@ -754,6 +776,11 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     const char * prof = std::getenv("PYLAZY_PROFILE");
     c->profile.enabled = prof && *prof && std::strcmp(prof, "0") != 0;
     const bool per_op = prof && std::strcmp(prof, "ops") == 0;
+#ifdef PLZ_CUDA_GATHER
+    const char * gather = std::getenv("PYLAZY_CUDA_GATHER");
+    c->cuda_gather = model->backend_gpu && std::strncmp(ggml_backend_name(model->backend_gpu), "CUDA", 4) == 0 &&
+                     !(gather && std::strcmp(gather, "0") == 0);
+#endif
     const char * reuse = std::getenv("PYLAZY_GRAPH_REUSE");
     c->graph_reuse = !(reuse && std::strcmp(reuse, "0") == 0);
     configure_stages(*c, {}, {});

@@ -70,6 +70,7 @@ struct Context {
     ggml_backend_sched_t sched[2] = {nullptr, nullptr};
     std::shared_ptr<void> graph_cache[2];
     std::string graph_key[2];
+    bool cuda_gather = false;           // refresh rows copied by native/gather_cuda.cu (CUDA builds, PYLAZY_CUDA_GATHER != 0)
     bool graph_reuse = true;            // PYLAZY_GRAPH_REUSE=0 rebuilds every graph (tests compare the two)
     std::vector<uint8_t> graph_meta;    // memory for graph-building ggml contexts
     // Refresh graphs are built in their own memory: ggml's CUDA backend keys its CUDA graphs by the

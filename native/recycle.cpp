@@ -86,9 +86,9 @@ static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r,
     return p;
 }
 
-void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
-                          const RecycleInputs & in) {
-    if (layers.empty()) return;
+ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
+                                   const RecycleInputs & in) {
+    if (layers.empty()) return nullptr;
     RecycleState & r = c.rec;
     const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
     const int n_kv = (int) layers[0].kc->ne[1];
@@ -102,6 +102,12 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
     const int n_take = whole ? r.rows : r.k;
     ggml_tensor * idx_all = nullptr;   // [n_take, Hkv * n_layers]
     if (r.mode == 1) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers), in.bias), n_take);
+    // On CUDA the copies (and the refresh token's tail row) are one kernel after the graph.
+    ggml_tensor * kernel_idx = whole && c.cuda_gather ? idx_all->view_src : nullptr;
+    if (kernel_idx) {
+        ggml_set_output(kernel_idx);
+        ggml_build_forward_expand(gf, kernel_idx);
+    }
     for (size_t j = 0; j < layers.size(); ++j) {
         const int il = layers[j].il;
         // Layer j's rows of idx_all: a contiguous view, used as it is.
@@ -109,6 +115,7 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
                                     : in.host_idx;
         // The chosen cells, for plz_recycle_positions: the first k per head.
         ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_2d(ctx0, idx, r.k, Hkv, idx->nb[1], 0), r.ridx[il]));
+        if (kernel_idx) continue;
         if (whole) {
             // get_rows over [D/2, n_kv, Hkv] (I32) with indices [R, Hkv]: per KV head its own cells. Its
             // result is placed on the recycled cache's memory (the allocator leaves a tensor that has
@@ -133,6 +140,7 @@ void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, co
         ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], layers[j].k_fresh, in.tail_row));
         ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], layers[j].v_fresh, in.tail_row));
     }
+    return kernel_idx;
 }
 
 ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,

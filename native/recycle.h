@@ -75,8 +75,10 @@ struct RefreshLayer {
 // sort over every (layer, KV head) row: per-layer ops had launched 32-row kernels over 64K columns
 // (too few blocks) and ggml's CUDA top_k runs one CUB call per row. Then per layer get_rows of the
 // chosen cells into the recycled cache.
-void build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
-                          const RecycleInputs & in);
+// Returns the sorted cell indices (an output of the graph) when the copy is left to the CUDA gather
+// kernel (Context::cuda_gather, run by run_batch after the graph), else null.
+ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
+                                   const RecycleInputs & in);
 
 // Attention of a recycled step at layer il over the recycled cache; k_fresh/v_fresh [D, Hkv, 1].
 ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,

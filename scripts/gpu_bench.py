@@ -19,6 +19,7 @@ from __future__ import annotations
 import llama_cpp  # noqa: F401,I001
 
 import argparse
+import os
 import gc
 import json
 import platform
@@ -90,6 +91,28 @@ def ours_decode(ctx, n_steps, recycle_stride=0, step_ms=None) -> float:
     if step_ms is not None:
         step_ms.update({k: 1000 * float(np.mean(v)) for k, v in times.items() if v})
     return rate
+
+
+def recycle_gather_parity(m, args, depth=6000, steps=40) -> dict:
+    """Recycled greedy decode (K=recycle-k/2, S=stride) with the CUDA gather kernel and with the plain-op
+    gather (PYLAZY_CUDA_GATHER=0, read when a context is made): the logits must be bit-identical."""
+    def run():
+        with Context(m, n_ctx=depth + steps + 256, n_ubatch=args.n_ubatch) as ctx:
+            ctx.set_recycle(1, args.recycle_k // 2, args.stride, 0, pool=args.pool)
+            logits = ctx.eval(tokens(depth, seed=3))
+            out = []
+            for i in range(steps):
+                logits, _, _ = ctx.decode(int(logits.argmax()), recycled=i % args.stride != 0)
+                out.append(logits.copy())
+            return np.array(out)
+    kernel = run()
+    os.environ["PYLAZY_CUDA_GATHER"] = "0"
+    try:
+        plain = run()
+    finally:
+        os.environ.pop("PYLAZY_CUDA_GATHER")
+    return {"steps": steps, "depth": depth, "max_abs_diff": float(np.abs(kernel - plain).max()),
+            "identical": bool(np.array_equal(kernel, plain))}
 
 
 def main(argv=None):
@@ -164,6 +187,8 @@ def main(argv=None):
                          "top1_agreement": float((got.argmax(1) == ref_logits.argmax(1)).mean()),
                          "logit_std": float(ref_logits.std())}
         log("parity", res["parity"])
+        res["recycle_gather_parity"] = recycle_gather_parity(m, args)
+        log("recycle gather parity", res["recycle_gather_parity"])
     ctx = Context(m, n_ctx=n_ctx, n_ubatch=args.n_ubatch)
 
     def prefill(n, schedule, pool=0):
