@@ -2,7 +2,7 @@
 # Needle accuracy (RULER niah single/multikey/multivalue) and perplexity of lazy-prefill and
 # recycled-attention settings on SmolLM2, on the GPU machine (scripts/device_run.sh evals): the sweep
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
-# Env: SAMPLES, SEED; SET=recycle runs only recycling settings at 4K/8K (the recycling issue's range)
+# Env: SAMPLES, SEED, ONLY (names of the set's policies to run); SET=recycle runs only recycling settings at 4K/8K (the recycling issue's range)
 # with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
 # machine's Python (2026-11-23, after the table was written); plot results.json locally.
 set -uo pipefail
@@ -30,7 +30,11 @@ if [[ ${SET:-} == recycle ]]; then
   lengths=(4096 7936) ppl=0
 fi
 args=()
-for p in "${pol[@]}"; do args+=(--policy "$p"); done
+for p in "${pol[@]}"; do
+  # ONLY="full rec_s16": run just these of the set
+  [[ -n ${ONLY:-} && " $ONLY " != *" ${p%%=*} "* ]] && continue
+  args+=(--policy "$p")
+done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
     --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} --seed ${SEED:-0} \
