@@ -170,10 +170,11 @@ int plz_context_take_profile(plz_context * ctx, double * seconds, int64_t * batc
     });
 }
 
-int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool) {
+int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool,
+                    float share) {
     return guarded([&] {
         require(ctx && mode >= 0 && mode <= 2, "recycle mode must be 0, 1 or 2");
-        plz::set_recycle(ctx->c, mode, k, tail_cap, sinks, pool);
+        plz::set_recycle(ctx->c, mode, k, tail_cap, sinks, pool, share);
     });
 }
 

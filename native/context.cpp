@@ -841,9 +841,9 @@ void truncate(Context * c, int n) {
     c->rec.valid = false;
 }
 
-void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool) {
+void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool, float share) {
     drop_graph_cache(*c);
-    configure_recycle(*c, mode, k, tail_cap, sinks, pool);
+    configure_recycle(*c, mode, k, tail_cap, sinks, pool, share);
     c->rec.stage_all.assign(c->stages.size(), 0);
 }
 

@@ -120,7 +120,7 @@ void truncate(Context * c, int n);
 
 // Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window; k kept tokens per KV
 // head, tail_cap tokens decoded between refreshes (the stride).
-void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool);
+void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool, float share);
 
 // One decoded token under the stride policy's choice. Full: plain attention. Refresh: full attention
 // that also refills the recycled cache. Recycled: attention over the recycled cache only (a Refresh is

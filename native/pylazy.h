@@ -81,7 +81,10 @@ PLZ_API int  plz_n_past(const plz_context * ctx);
 // (StreamingWindow: k = sinks + window). tail_cap: tokens decoded between refreshes (the stride).
 // pool (mode 1): before the top-k, each cell's score becomes the max over the cells within `pool` of it,
 // so the neighbours of an attended token come along (0: plain top-k as in the paper).
-PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool);
+// share (mode 1, [0, 1]): each (layer, KV head) score adds share x the cell's best score over all
+// layers and KV heads, so a token some layer attends strongly is kept in every layer (0: per layer).
+PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap, int32_t sinks, int32_t pool,
+                             float share);
 
 #define PLZ_STEP_FULL      0
 #define PLZ_STEP_RECYCLED  1

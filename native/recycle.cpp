@@ -16,7 +16,7 @@ void RecycleState::free_buffers() {
     rk.clear(); rv.clear(); rq.clear(); ridx.clear(); rk_bits.clear(); rv_bits.clear();
 }
 
-void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool) {
+void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool, float share) {
     const Hparams & hp = c.model->hp;
     RecycleState & r = c.rec;
     r.free_buffers();
@@ -26,11 +26,13 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, in
     if (k < 1 || tail_cap < 1 || sinks < 0 || sinks > k) throw Error(PLZ_ERR_ARG, "recycle: need k >= 1, tail >= 1, 0 <= sinks <= k");
     if (tail_cap > c.n_ctx) throw Error(PLZ_ERR_ARG, "recycle: the stride exceeds the context");
     if (pool < 0 || pool > 64) throw Error(PLZ_ERR_ARG, "recycle: pool must be in [0, 64]");
+    if (!(share >= 0.0f && share <= 1.0f)) throw Error(PLZ_ERR_ARG, "recycle: share must be in [0, 1]");
     // k >= context keeps every token: no gather ever happens, so the cache need not be larger.
     r.k = std::min(k, c.n_ctx);
     r.tail_cap = tail_cap;
     r.sinks = sinks;
     r.pool = pool;
+    r.share = share;
     r.rows = (k + tail_cap + 255) / 256 * 256;  // CUDA flash attention wants a multiple of 256 keys
     const int L = hp.n_layer, D = hp.head_dim, Hkv = hp.n_head_kv;
     ggml_init_params ip = { ggml_tensor_overhead() * (6 * L + 1), nullptr, true };
@@ -83,6 +85,15 @@ static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r,
     p = ggml_pool_2d(ctx0, ggml_reshape_3d(ctx0, p, n_kv, G, n_rows / G), GGML_OP_POOL_MAX, 1, (int) G, 1, (int) G, 0.0f, 0.0f);
     p = ggml_reshape_2d(ctx0, p, n_kv, n_rows / G);   // [n_kv, Hkv * n_layers]
     if (r.pool > 0) p = ggml_pool_1d(ctx0, p, GGML_OP_POOL_MAX, 2 * r.pool + 1, 1, r.pool);
+    // share > 0: every row also scores share x the cell's best score over all layers and KV heads. The
+    // refresh query of a middle layer often does not attend to what that layer reads in the next steps
+    // (a needle the upper layers already attend to); shared, such a cell is kept in every layer.
+    if (r.share > 0.0f) {
+        const int64_t rows = p->ne[1];
+        ggml_tensor * best = ggml_pool_2d(ctx0, ggml_reshape_3d(ctx0, p, n_kv, rows, 1), GGML_OP_POOL_MAX,
+                                          1, (int) rows, 1, (int) rows, 0.0f, 0.0f);   // [n_kv, 1]
+        p = ggml_add(ctx0, p, ggml_scale(ctx0, ggml_reshape_2d(ctx0, best, n_kv, 1), r.share));
+    }
     return p;
 }
 

@@ -25,6 +25,7 @@ struct RecycleState {
     int mode = 0;                // 0: off, 1: top-k by attention, 2: sinks + recent window (StreamingLLM)
     int k = 0, tail_cap = 0, sinks = 0;
     int pool = 0;                // top-k mode: neighbours within `pool` cells share a cell's score
+    float share = 0.0f;          // top-k mode: + share x the cell's best score over all layers and heads
     int rows = 0;                // R = pad(k + tail_cap)
     int n_sel = 0;               // gathered rows in use (<= k: fewer when fewer tokens were visible)
     int n_tail = 0;              // tail rows in use
@@ -51,7 +52,7 @@ struct RecycleInputs {
     ggml_tensor * host_idx = nullptr;   // I32 [k, Hkv]: cells to keep (sinks + window mode)
 };
 
-void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool);
+void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool, float share);
 
 // Refresh, per layer: keeps the query for similarity checks (the fresh token's K/V becomes the first
 // tail row in build_refresh_gather); returns the layer's raw attention logits of the one query

@@ -71,6 +71,8 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lazy-pool", type=int, metavar="P",
                    help="lazy importance max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
     g.add_argument("--recycle-k", type=int, metavar="K", help="recycled attention: top-K tokens per head")
+    g.add_argument("--recycle-share", type=float, metavar="S",
+                   help="refresh scores also count S x a token's best score over all layers (default 0)")
     g.add_argument("--recycle-pool", type=int, metavar="P",
                    help="refresh scores max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
     g.add_argument("--stride", type=int, metavar="S", help="full attention every S decode steps (default 16)")
@@ -115,10 +117,11 @@ def policies_from_args(args: argparse.Namespace) -> Tuple[Optional[LazyPrefill],
         elif args.recycle_k is not None:
             recycle = Recycle(k=args.recycle_k, stride=16 if args.stride is None else args.stride,
                               dynamic_threshold=args.dynamic_threshold,
-                              **({} if args.recycle_pool is None else {"pool": args.recycle_pool}))
+                              **({} if args.recycle_pool is None else {"pool": args.recycle_pool}),
+                              **({} if args.recycle_share is None else {"share": args.recycle_share}))
         if recycle is None and (args.stride is not None or args.dynamic_threshold is not None
-                                or args.recycle_pool is not None):
-            raise UsageError("--stride, --dynamic-threshold and --recycle-pool need --recycle-k")
+                                or args.recycle_pool is not None or args.recycle_share is not None):
+            raise UsageError("--stride, --dynamic-threshold, --recycle-pool and --recycle-share need --recycle-k")
     except (TypeError, ValueError) as exc:   # the policy classes say which value is wrong
         raise UsageError(str(exc)) from None
     return lazy, recycle

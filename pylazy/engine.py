@@ -196,11 +196,14 @@ class Context(_Owned):
         self.lazy_schedule = [(int(l), float(k)) for l, k in schedule]
         self.lazy_pool = int(pool)
 
-    def set_recycle(self, mode: int = 0, k: int = 0, tail: int = 0, sinks: int = 0, pool: int = 0) -> None:
+    def set_recycle(self, mode: int = 0, k: int = 0, tail: int = 0, sinks: int = 0, pool: int = 0,
+                    share: float = 0.0) -> None:
         """Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window (StreamingLLM);
         k tokens kept per KV head (sinks included), tail = tokens decoded between refreshes (stride);
-        pool: scores max-pooled over +-pool neighbouring cells before the top-k (mode 1)."""
-        _raise_for(N.lib.plz_set_recycle(self.handle, int(mode), int(k), int(tail), int(sinks), int(pool)), "set_recycle")
+        pool: scores max-pooled over +-pool neighbouring cells before the top-k (mode 1);
+        share: each (layer, KV head) score adds share x the cell's best score over all layers (mode 1)."""
+        _raise_for(N.lib.plz_set_recycle(self.handle, int(mode), int(k), int(tail), int(sinks), int(pool), float(share)),
+                   "set_recycle")
         self.recycle_mode = int(mode)
         self._recycle_k = int(k)
 

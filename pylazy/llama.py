@@ -362,12 +362,12 @@ class Llama:
     def _configure_recycle(self, recycle: RecyclePolicy) -> None:
         """Give the context the recycled cache `recycle` asks for (only when it changes)."""
         if recycle is None:
-            want = (0, 0, 0, 0, 0)
+            want = (0, 0, 0, 0, 0, 0.0)
         elif isinstance(recycle, StreamingWindow):
-            want = (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks, 0)
+            want = (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks, 0, 0.0)
         else:
-            want = (1, recycle.k, recycle.stride, 0, recycle.pool)
-        if want != getattr(self, "_recycle_config", (0, 0, 0, 0, 0)):
+            want = (1, recycle.k, recycle.stride, 0, recycle.pool, float(recycle.share))
+        if want != getattr(self, "_recycle_config", (0, 0, 0, 0, 0, 0.0)):
             self._ctx.set_recycle(*want)
             self._recycle_config = want
         self._recycle_start = self._ctx.recycle_stats()

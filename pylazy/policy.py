@@ -188,6 +188,12 @@ class Recycle:
     number is read one digit per step). 0 is the paper's plain top-k; in [0, 64]. Default
     8: on SmolLM2 needles (docs/eval/README.md) k=L/8, stride 16 finds 0 % with pool=0 and
     42-47 % with pool=8 (full attention 50-52 %; 92 % of full's hits over 480 prompts at 4K-8K).
+
+    share: each (layer, KV head) score adds ``share`` x the token's best score over all
+    layers and KV heads, so a token that some layer attends strongly is kept in every layer
+    (a middle layer's refresh query often does not look at the needle its next steps read).
+    0 (default) is the paper's per-layer selection; in [0, 1]. Experimental: see
+    docs/eval/README.md (CPU check, not yet swept on the GPU).
     """
 
     k: int
@@ -195,12 +201,17 @@ class Recycle:
     dynamic_threshold: Optional[float] = None
     check_every: int = 1
     pool: int = 8
+    share: float = 0.0
 
     def __post_init__(self) -> None:
         _check_int("k", self.k, 1)
         _check_int("stride", self.stride, 1)
         _check_int("check_every", self.check_every, 1)
         _check_pool(self.pool)
+        if isinstance(self.share, bool) or not isinstance(self.share, Real):
+            raise TypeError(f"share must be a float, got {type(self.share).__name__}")
+        if not 0.0 <= self.share <= 1.0:
+            raise ValueError(f"share must be in [0, 1], got {self.share!r}")
         t = self.dynamic_threshold
         if t is not None:
             if isinstance(t, bool) or not isinstance(t, Real):

@@ -22,6 +22,7 @@ if [[ ${SET:-} == recycle ]]; then
   pol=(
     full='{}'
     rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
+    rec_share05='lambda L: {"recycle": Recycle(k=L // 8, stride=16, share=0.5)}'
     rec_s16_p16='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=16)}'
     rec_s8='lambda L: {"recycle": Recycle(k=L // 8, stride=8)}'
     rec_k4_s16='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'

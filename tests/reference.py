@@ -273,6 +273,31 @@ def pool_max(scores: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
+def recycle_scores(q, k, pool: int = 0) -> np.ndarray:
+    """The per-KV-head scores recycle_topk ranks by: [n_head_kv, n] (see there)."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    n_head, d = q.shape
+    n_head_kv, n, _ = k.shape
+    kh = np.repeat(k, n_head // n_head_kv, axis=0)
+    probs = softmax(np.einsum("hd,hnd->hn", q, kh) / math.sqrt(d), axis=-1)
+    per_kv = probs.reshape(n_head_kv, n_head // n_head_kv, n).max(axis=1)
+    return pool_max(per_kv, pool) if pool else per_kv
+
+
+def recycle_topk_shared(qs, ks, k_count: int, pool: int, share: float, n_candidates: int) -> tuple:
+    """recycle_topk for every layer with Recycle(share=), as the engine does it: scores over every
+    token the query sees (ks include the refresh token itself), pooled, plus share x each token's best
+    score over all layers and KV heads; the top k_count among the first n_candidates tokens (the
+    refresh token is not a candidate). Returns (per-layer picks, per-layer ranked scores)."""
+    scores = [recycle_scores(q, k, pool) for q, k in zip(qs, ks)]
+    best = np.max([s.max(axis=0) for s in scores], axis=0)
+    ranked = [(s + share * best)[:, :n_candidates] for s in scores]
+    kc = min(k_count, n_candidates)
+    picks = [np.stack([_top_indices(r[g], kc) for g in range(r.shape[0])]).astype(np.int64) for r in ranked]
+    return picks, ranked
+
+
 def recycle_topk(q, k, k_count: int, pool: int = 0) -> np.ndarray:
     """Per KV head, the k_count tokens a recycled-attention full step keeps.
 

@@ -91,7 +91,9 @@ def test_recycle_and_window_validation():
                         (dict(k=8, dynamic_threshold=1.5), ValueError),
                         (dict(k=8, dynamic_threshold="0.9"), TypeError),
                         (dict(k=8, dynamic_threshold=0.9, check_every=0), ValueError),
-                        (dict(k=8, check_every=2), ValueError)]:
+                        (dict(k=8, check_every=2), ValueError),
+                        (dict(k=8, share=-0.1), ValueError), (dict(k=8, share=1.5), ValueError),
+                        (dict(k=8, share=True), TypeError), (dict(k=8, share="0.5"), TypeError)]:
         with pytest.raises(exc):
             Recycle(**kwargs)
     assert StreamingWindow() == StreamingWindow(4, 1020)

@@ -117,6 +117,28 @@ def test_refresh_topk_with_pool_matches_numpy(tiny, pool):
     assert changed > 0
 
 
+def test_refresh_topk_with_share_matches_numpy(tiny):
+    """Recycle(share=): each layer's scores plus share x a token's best score over all layers and
+    KV heads pick the same tokens as the numpy reference, and sharing changes some layer's pick."""
+    m, hp, w = tiny
+    K, pool, share = 8, 1, 0.5
+    prompt = np.random.default_rng(9).integers(100, 40000, size=48).tolist()
+    seq = prompt + [1234]
+    _, layers = R.forward(hp, w, seq, return_internals=True)
+    with Context(m, n_ctx=256) as ctx:
+        ctx.set_recycle(1, K, 8, 0, pool=pool, share=share)
+        ctx.eval(prompt)
+        ctx.decode(1234, recycled=False)
+        kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
+    qs = [layers[il]["q"][-1] for il in range(hp["n_layer"])]
+    ks = [np.transpose(layers[il]["k"], (1, 0, 2)) for il in range(hp["n_layer"])]   # refresh token included
+    ref, ranked = R.recycle_topk_shared(qs, ks, K, pool, share, len(prompt))
+    plain, _ = R.recycle_topk_shared(qs, ks, K, pool, 0.0, len(prompt))
+    for il in range(hp["n_layer"]):
+        _close_sets(kept[il], ref[il], ranked[il])
+    assert any(not np.array_equal(ref[il], plain[il]) for il in range(hp["n_layer"]))
+
+
 def test_dynamic_stride_triggers_full_step_after_low_similarity(tiny):
     from pylazy.policy import DynamicStride
     m, _, _ = tiny
@@ -150,6 +172,9 @@ def test_bad_recycle_values(tiny):
             ctx.set_recycle(1, 8, 1000, 0)
         with pytest.raises(ValueError):
             ctx.set_recycle(1, 8, 16, 0, pool=65)
+        for share in (-0.5, 1.5, float("nan")):
+            with pytest.raises(ValueError):
+                ctx.set_recycle(1, 8, 16, 0, share=share)
 
 
 def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
