@@ -72,7 +72,7 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="lazy importance max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
     g.add_argument("--recycle-k", type=int, metavar="K", help="recycled attention: top-K tokens per head")
     g.add_argument("--recycle-share", type=float, metavar="S",
-                   help="refresh scores also count S x a token's best score over all layers (default 0)")
+                   help="refresh scores also count S x a token's best score over all layers (default 0.5)")
     g.add_argument("--recycle-pool", type=int, metavar="P",
                    help="refresh scores max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
     g.add_argument("--stride", type=int, metavar="S", help="full attention every S decode steps (default 16)")
