@@ -104,8 +104,8 @@ ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Contex
     const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
     const int n_kv = (int) layers[0].kc->ne[1];
     // Top-k mode with at least R candidates takes the top R per head, not k, and gathers all R rows:
-    // the gathered block [D, R, Hkv] then has the recycled cache's layout and is copied there as one
-    // contiguous block. It is gathered as I32 pairs of halves (the *_bits views), so the rows go over
+    // the gathered block [D, R, Hkv] then has the recycled cache's layout and is written in place
+    // there. It is gathered as I32 pairs of halves (the *_bits views), so the rows go over
     // bit for bit with no F32 round trip (get_rows of F16 returns F32: the F32 block plus its F16
     // conversion cost ~9 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and
     // masked until then.
@@ -121,7 +121,7 @@ ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Contex
     }
     for (size_t j = 0; j < layers.size(); ++j) {
         const int il = layers[j].il;
-        // Layer j's rows of idx_all: a contiguous view, used as it is.
+        // Layer j's rows of idx_all (a strided view of the sort: get_rows and cpy take strides).
         ggml_tensor * idx = idx_all ? ggml_view_2d(ctx0, idx_all, n_take, Hkv, idx_all->nb[1], j * Hkv * idx_all->nb[1])
                                     : in.host_idx;
         // The chosen cells, for plz_recycle_positions: the first k per head.
