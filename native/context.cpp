@@ -199,11 +199,13 @@ struct BatchResult {
 
 }  // namespace
 
+static void drop_graph_slot(Context & c, int slot) {
+    c.graph_cache[slot].reset();
+    c.graph_key[slot].clear();
+}
+
 void drop_graph_cache(Context & c) {
-    for (int i = 0; i < 2; ++i) {
-        c.graph_cache[i].reset();
-        c.graph_key[i].clear();
-    }
+    for (int slot = 0; slot < 2; ++slot) drop_graph_slot(c, slot);
 }
 
 // -- storage -------------------------------------------------------------------------------------
@@ -551,8 +553,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
     if (reusable && c.graph_cache[slot] && key == c.graph_key[slot]) {
         gp = std::static_pointer_cast<Graph>(c.graph_cache[slot]);
     } else {
-        c.graph_cache[slot].reset();
-        c.graph_key[slot].clear();
+        drop_graph_slot(c, slot);
         ggml_backend_sched_reset(sched);
         gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv, tpl_p0));
         clock.lap(Profile::BUILD);
@@ -773,16 +774,19 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     c->n_ctx = n_ctx;
     c->n_ubatch = n_ubatch;
     c->n_threads = n_threads;
+    // Environment switches: PYLAZY_<name>=value.
+    auto env_is = [](const char * name, const char * value) {
+        const char * v = std::getenv(name);
+        return v && std::strcmp(v, value) == 0;
+    };
     const char * prof = std::getenv("PYLAZY_PROFILE");
     c->profile.enabled = prof && *prof && std::strcmp(prof, "0") != 0;
-    const bool per_op = prof && std::strcmp(prof, "ops") == 0;
+    const bool per_op = env_is("PYLAZY_PROFILE", "ops");
 #ifdef PLZ_CUDA_GATHER
-    const char * gather = std::getenv("PYLAZY_CUDA_GATHER");
     c->cuda_gather = model->backend_gpu && std::strncmp(ggml_backend_name(model->backend_gpu), "CUDA", 4) == 0 &&
-                     !(gather && std::strcmp(gather, "0") == 0);
+                     !env_is("PYLAZY_CUDA_GATHER", "0");
 #endif
-    const char * reuse = std::getenv("PYLAZY_GRAPH_REUSE");
-    c->graph_reuse = !(reuse && std::strcmp(reuse, "0") == 0);
+    c->graph_reuse = !env_is("PYLAZY_GRAPH_REUSE", "0");
     configure_stages(*c, {}, {});
     c->rec.stage_all.assign(c->stages.size(), 0);
 
@@ -798,8 +802,7 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
         if (per_op) ggml_backend_sched_set_eval_callback(sched, plz_op_profile_callback, nullptr);
     }
     // PYLAZY_MASK_TEMPLATE=1 uses the template on the CPU too (tests: it must not change any logit).
-    const char * tpl = std::getenv("PYLAZY_MASK_TEMPLATE");
-    if (model->backend_gpu || (tpl && std::strcmp(tpl, "1") == 0)) make_causal_template(*c);
+    if (model->backend_gpu || env_is("PYLAZY_MASK_TEMPLATE", "1")) make_causal_template(*c);
     return c.release();
 }
 

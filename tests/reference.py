@@ -308,15 +308,6 @@ def recycle_topk(q, k, k_count: int, pool: int = 0) -> np.ndarray:
     j-pool .. j+pool (SnapKV-style clustering). Returns int64 [n_head_kv, min(k_count, n)],
     each row sorted ascending.
     """
-    q = np.asarray(q, dtype=np.float64)
-    k = np.asarray(k, dtype=np.float64)
-    n_head, d = q.shape
-    n_head_kv, n, _ = k.shape
-    group = n_head // n_head_kv
-    kh = np.repeat(k, group, axis=0)                                   # [n_head, n, d]
-    probs = softmax(np.einsum("hd,hnd->hn", q, kh) / math.sqrt(d), axis=-1)
-    per_kv = probs.reshape(n_head_kv, group, n).max(axis=1)            # [n_head_kv, n]
-    if pool:
-        per_kv = pool_max(per_kv, pool)
-    kc = min(k_count, n)
-    return np.stack([_top_indices(per_kv[g], kc) for g in range(n_head_kv)]).astype(np.int64)
+    per_kv = recycle_scores(q, k, pool)                                # [n_head_kv, n]
+    kc = min(k_count, per_kv.shape[1])
+    return np.stack([_top_indices(row, kc) for row in per_kv]).astype(np.int64)
