@@ -307,6 +307,7 @@ Context::~Context() {
     if (ctx_aux) ggml_free(ctx_aux);
     if (buf_tpl) ggml_backend_buffer_free(buf_tpl);
     if (ctx_tpl) ggml_free(ctx_tpl);
+    if (logits_host) ggml_backend_buffer_free(logits_host);
 }
 
 // -- graphs --------------------------------------------------------------------------------------
@@ -496,6 +497,24 @@ void run_cuda_gather(Context & c, const std::vector<RefreshLayer> & layers, cons
 #endif
 }
 
+// Logits to the caller: through the pinned staging buffer when there is one (a DMA copy, then a host
+// memcpy, is faster than a device-to-pageable copy for the one-row logits of a decode step). Large
+// reads (every row of a prompt) go straight to the caller: pinning that much memory is no gain.
+void read_logits(Context & c, ggml_tensor * logits, float * out, size_t bytes) {
+    const bool staged = c.host_buft && bytes <= (size_t(4) << 20);
+    if (staged && (!c.logits_host || ggml_backend_buffer_get_size(c.logits_host) < bytes)) {
+        if (c.logits_host) ggml_backend_buffer_free(c.logits_host);
+        c.logits_host = ggml_backend_buft_alloc_buffer(c.host_buft, bytes);
+    }
+    if (!staged || !c.logits_host) {
+        ggml_backend_tensor_get(logits, out, 0, bytes);
+        return;
+    }
+    void * staging = ggml_backend_buffer_get_base(c.logits_host);
+    ggml_backend_tensor_get(logits, staging, 0, bytes);
+    std::memcpy(out, staging, bytes);
+}
+
 template <typename Visible>
 BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
     PhaseClock clock{c.profile.enabled ? &c.profile : nullptr};
@@ -601,7 +620,7 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
         r.selected_cells.resize(b.n_select);
         ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * b.n_select);
     }
-    if (g.logits) ggml_backend_tensor_get(g.logits, logits_out, 0, sizeof(float) * (size_t) b.n_logits * c.model->hp.n_vocab);
+    if (g.logits) read_logits(c, g.logits, logits_out, sizeof(float) * (size_t) b.n_logits * c.model->hp.n_vocab);
     clock.lap(Profile::OUTPUTS);
     return r;
 }
@@ -794,10 +813,16 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     c->graph_meta.resize(ggml_tensor_overhead() * c->graph_size + ggml_graph_overhead_custom(c->graph_size, false));
     c->graph_meta_refresh.resize(c->graph_meta.size());
     std::vector<ggml_backend_t> backends;
-    if (model->backend_gpu) backends.push_back(model->backend_gpu);
+    std::vector<ggml_backend_buffer_type_t> bufts;
+    if (model->backend_gpu) {
+        backends.push_back(model->backend_gpu);
+        bufts.push_back(ggml_backend_get_default_buffer_type(model->backend_gpu));
+        if (!env_is("PYLAZY_PINNED", "0")) c->host_buft = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(model->backend_gpu));
+    }
     backends.push_back(model->backend_cpu);
+    bufts.push_back(c->host_buft ? c->host_buft : ggml_backend_get_default_buffer_type(model->backend_cpu));
     for (auto & sched : c->sched) {
-        sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), c->graph_size, false, true);
+        sched = ggml_backend_sched_new(backends.data(), bufts.data(), (int) backends.size(), c->graph_size, false, true);
         if (!sched) throw Error(PLZ_ERR_RUNTIME, "cannot create the graph scheduler");
         if (per_op) ggml_backend_sched_set_eval_callback(sched, plz_op_profile_callback, nullptr);
     }

@@ -2,8 +2,9 @@
 # Needle accuracy (RULER niah single/multikey/multivalue) and perplexity of lazy-prefill and
 # recycled-attention settings on SmolLM2, on the GPU machine (scripts/device_run.sh evals): the sweep
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
-# Env: SAMPLES, SEED, ONLY (names of the set's policies to run); SET=recycle runs only recycling settings at 4K/8K (the recycling issue's range)
-# with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
+# Env: SAMPLES, SEED, ONLY (names of the set's policies to run), TAG (suffix of the output folder, to
+# keep several runs of one call apart). SET=recycle runs only recycling settings, SET=lazy only
+# aggressive lazy schedules, both at 4K/8K (the issues' range) with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
 # machine's Python (2026-11-23, after the table was written); plot results.json locally.
 set -uo pipefail
 MODEL=$1 OUT=$2
@@ -22,11 +23,21 @@ if [[ ${SET:-} == recycle ]]; then
   pol=(
     full='{}'
     rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
-    rec_share05='lambda L: {"recycle": Recycle(k=L // 8, stride=16, share=0.5)}'
+    rec_share0='lambda L: {"recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
     rec_s16_p16='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=16)}'
     rec_s8='lambda L: {"recycle": Recycle(k=L // 8, stride=8)}'
     rec_k4_s16='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'
     stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
+  )
+  lengths=(4096 7936) ppl=0
+elif [[ ${SET:-} == lazy ]]; then
+  # how far the lazy schedule can go (the GPU issue's 2.5x TTFT at 32K needs ~40 % of token-layers computed)
+  pol=(
+    full='{}'
+    lazy_default='{"lazy": LazyPrefill()}'
+    lazy_30_20_10='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.3, 0.2, 0.1))}'
+    lazy_25_15_10='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.25, 0.15, 0.1))}'
+    lazy_20_10_05='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.2, 0.1, 0.05))}'
   )
   lengths=(4096 7936) ppl=0
 fi
@@ -39,6 +50,6 @@ done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
     --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} --seed ${SEED:-0} \
-    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-smollm2-gpu" "${args[@]}" 2>&1 \
+    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-smollm2-gpu${TAG:+-$TAG}" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"

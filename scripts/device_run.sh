@@ -5,7 +5,8 @@
 #              llama-cpp-python to $OUT/prebuilt.tar.xz.* (to carry as .device/prebuilt/ next time)
 #   profile    scripts/op_profile.py: per-op prefill/decode, both engines; refresh/recycled at 64K
 #   bench      scripts/gpu_bench.py (the table of docs/bench-gpu.md)
-#   smol-a|b   SmolLM2 arrives in two halves (.device-smol-a/, .device-smol-b/: 98 MB > one call's 64 MiB)
+#   smol-a|b|c SmolLM2 arrives in three parts (98 MB + the repo > one call's 64 MiB), one per call:
+#              .device-smol-X/smol.part-NN from `split -n 3 -d MODEL smol.part-` here; evals joins them
 #   evals      needle accuracy of lazy/recycle settings on SmolLM2 (GPU), pylazy eval
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -39,12 +40,13 @@ for step in "$@"; do
     bench)
         . $W/env.sh
         $PY scripts/gpu_bench.py --model "$PYLAZY_MODEL_8B" --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 30 ;;
-    smol-a)
-        mkdir -p /tmp/smol && cp .device-smol-a/smol.part-aa /tmp/smol/ && ls -la /tmp/smol ;;
-    smol-b)
-        cat /tmp/smol/smol.part-aa .device-smol-b/smol.part-ab > "$SMOL" && sha256sum "$SMOL" && cat .device/smol.sha256 ;;
+    smol-[a-z])
+        mkdir -p /tmp/smol && cp .device-$step/smol.part-* /tmp/smol/ && ls -la /tmp/smol ;;
     evals)
         . $W/env.sh
+        if [[ ! -s $SMOL ]]; then
+            cat /tmp/smol/smol.part-* > "$SMOL" && sha256sum "$SMOL" && cat .device/smol.sha256
+        fi
         bash scripts/device_evals.sh "$SMOL" "$OUT" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac

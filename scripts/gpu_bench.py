@@ -130,6 +130,9 @@ def main(argv=None):
     ap.add_argument("--n-ubatch", type=int, default=512)
     ap.add_argument("--parity-tokens", type=int, default=256)
     ap.add_argument("--skip", default="", help="comma list of rows to skip: parity,prefill,ttft,decode")
+    ap.add_argument("--ttft-keeps", default="",
+                    help="extra lazy schedules to time at 32K beside the default: keep ratios at layers 0.25/0.5/0.75, "
+                         "comma-separated triples, e.g. 0.3/0.2/0.1,0.25/0.15/0.1 (rows 'ttft_extra')")
     ap.add_argument("--reps", type=int, default=3, help="repeats per prefill/decode row (median reported)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -215,6 +218,13 @@ def main(argv=None):
         dt = median_of(args.reps, lambda: prefill(n, sched, lazy.pool))
         ours["ttft_lazy"][n] = dt
         log(f"pylazy lazy TTFT {n}: {dt:.2f} s; layer cells {ctx.layer_stats()['cells'][-1]}")
+        for keeps in [k for k in args.ttft_keeps.split(",") if k]:
+            other = pylazy.LazyPrefill(layers=(0.25, 0.5, 0.75), keep=tuple(float(x) for x in keeps.split("/")))
+            sched = other.resolve(m.info.n_layer)
+            dt = median_of(args.reps, lambda: prefill(n, sched, other.pool))
+            ours.setdefault("ttft_extra", {})[keeps] = dt
+            ratio = n / ref["prefill"][n] / dt if n in ref["prefill"] else float("nan")
+            log(f"pylazy lazy TTFT {n} keep {keeps}: {dt:.2f} s ({ratio:.2f}x faster than llama.cpp's prefill)")
         ctx.reset()
         ctx.set_lazy([], 0)
     if "decode" not in skip:
@@ -249,6 +259,8 @@ def main(argv=None):
         for n, dt in ours["ttft_lazy"].items():
             base = n / ref["prefill"][n]
             lines.append(f"TTFT at {n}: llama.cpp {base:.2f} s, pylazy lazy default {dt:.2f} s → {base / dt:.2f}× faster")
+            for keeps, dt2 in ours.get("ttft_extra", {}).items():
+                lines.append(f"TTFT at {n}, LazyPrefill(keep={keeps}): {dt2:.2f} s → {base / dt2:.2f}× faster")
         lines.append("")
     if ours["decode_full"]:
         lines += [f"| decode depth | llama.cpp tok/s | pylazy full | ratio | pylazy recycled K={args.recycle_k} S={args.stride} | ratio |",
