@@ -98,7 +98,7 @@ def recycle_gather_parity(m, args, depth=6000, steps=40) -> dict:
     gather (PYLAZY_CUDA_GATHER=0, read when a context is made): the logits must be bit-identical."""
     def run():
         with Context(m, n_ctx=depth + steps + 256, n_ubatch=args.n_ubatch) as ctx:
-            ctx.set_recycle(1, args.recycle_k // 2, args.stride, 0, pool=args.pool)
+            ctx.set_recycle(1, args.recycle_k // 2, args.stride, 0, pool=args.pool, share=args.share)
             logits = ctx.eval(tokens(depth, seed=3))
             out = []
             for i in range(steps):
@@ -124,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--recycle-k", type=int, default=4096)
     ap.add_argument("--stride", type=int, default=16)
     ap.add_argument("--pool", type=int, default=pylazy.Recycle(k=1).pool, help="Recycle(pool=) of the recycled rows")
+    ap.add_argument("--share", type=float, default=pylazy.Recycle(k=1).share, help="Recycle(share=) of the recycled rows")
     ap.add_argument("--n-gpu-layers", type=int, default=-1)
     ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--n-batch", type=int, default=2048)
@@ -232,7 +233,7 @@ def main(argv=None):
             prefill(max(d, 1), [])
             ctx.set_recycle(0)
             ours["decode_full"][d] = median_of(args.reps, lambda: ours_decode(ctx, args.decode_steps))
-            ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool)
+            ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
             ours["step_ms"][d] = {}
             ours["decode_recycled"][d] = median_of(
                 args.reps, lambda: ours_decode(ctx, args.decode_steps, args.stride, ours["step_ms"][d]))

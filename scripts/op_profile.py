@@ -125,12 +125,12 @@ def refresh_profile(args) -> None:
         t = time.perf_counter()
         ctx.eval(toks)
         print(f"\n[{mode}] prefill {args.refresh_depth}: {time.perf_counter() - t:.2f} s; {take_phases(ctx)}")
-        ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool)
+        ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
         for label, recycled in (("full (recycling off)", None), ("refresh", False), ("recycled", True)):
             if recycled is None:
                 ctx.set_recycle(0)
             elif label == "refresh":
-                ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool)
+                ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
             ctx.decode(1234, recycled=False)    # warm-up / first refresh, untimed
             ctx.decode(1234, recycled=bool(recycled))
             take_phases(ctx)
@@ -174,7 +174,8 @@ def main(argv=None):
     ap.add_argument("--refresh-depth", type=int, default=0, help="also profile refresh/recycled steps at this depth")
     ap.add_argument("--recycle-k", type=int, default=4096)
     ap.add_argument("--stride", type=int, default=16)
-    ap.add_argument("--pool", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=0, help="Recycle(pool=) (0 here: the refresh profile of session 2)")
+    ap.add_argument("--share", type=float, default=0.5, help="Recycle(share=), the default 0.5")
     ap.add_argument("--skip-compare", action="store_true")
     args = ap.parse_args(argv)
     toks = np.random.default_rng(0).integers(1000, 40000, size=args.n).tolist()
