@@ -9,43 +9,34 @@
 set -uo pipefail
 MODEL=$1 OUT=$2
 PY=/opt/torch/.venv/bin/python3; [[ -x $PY ]] || PY=$(command -v python3)
-pol=(
-  full='{}'
-  lazy_default='{"lazy": LazyPrefill()}'
-  lazy_60_40_20='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.2))}'
-  lazy_70_50_30='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.7, 0.5, 0.3))}'
-  rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
-  rec_dyn09='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
-  stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
+# Every policy by name; a set is a list of names (ONLY= narrows it further).
+declare -A P=(
+  [full]='{}'
+  [lazy_default]='{"lazy": LazyPrefill()}'
+  [lazy_60_40_20]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.2))}'
+  [lazy_70_50_30]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.7, 0.5, 0.3))}'
+  [lazy_30_20_10]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.3, 0.2, 0.1))}'
+  [lazy_25_15_10]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.25, 0.15, 0.1))}'
+  [lazy_20_10_05]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.2, 0.1, 0.05))}'
+  [rec_s16]='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
+  [rec_share0]='lambda L: {"recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
+  [rec_s16_p16]='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=16)}'
+  [rec_s8]='lambda L: {"recycle": Recycle(k=L // 8, stride=8)}'
+  [rec_k4_s16]='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'
+  [rec_dyn09]='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
+  [stream]='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
 )
-lengths=(2048 4096 7936) ppl=2048
-if [[ ${SET:-} == recycle ]]; then
-  pol=(
-    full='{}'
-    rec_s16='lambda L: {"recycle": Recycle(k=L // 8, stride=16)}'
-    rec_share0='lambda L: {"recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
-    rec_s16_p16='lambda L: {"recycle": Recycle(k=L // 8, stride=16, pool=16)}'
-    rec_s8='lambda L: {"recycle": Recycle(k=L // 8, stride=8)}'
-    rec_k4_s16='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'
-    stream='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
-  )
-  lengths=(4096 7936) ppl=0
-elif [[ ${SET:-} == lazy ]]; then
+case ${SET:-} in
+  recycle) names="full rec_s16 rec_share0 rec_s16_p16 rec_s8 rec_k4_s16 stream" lengths=(4096 7936) ppl=0 ;;
   # how far the lazy schedule can go (the GPU issue's 2.5x TTFT at 32K needs ~40 % of token-layers computed)
-  pol=(
-    full='{}'
-    lazy_default='{"lazy": LazyPrefill()}'
-    lazy_30_20_10='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.3, 0.2, 0.1))}'
-    lazy_25_15_10='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.25, 0.15, 0.1))}'
-    lazy_20_10_05='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.2, 0.1, 0.05))}'
-  )
-  lengths=(4096 7936) ppl=0
-fi
+  lazy) names="full lazy_default lazy_30_20_10 lazy_25_15_10 lazy_20_10_05" lengths=(4096 7936) ppl=0 ;;
+  *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
+esac
 args=()
-for p in "${pol[@]}"; do
+for name in $names; do
   # ONLY="full rec_s16": run just these of the set
-  [[ -n ${ONLY:-} && " $ONLY " != *" ${p%%=*} "* ]] && continue
-  args+=(--policy "$p")
+  [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && continue
+  args+=(--policy "$name=${P[$name]}")
 done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
