@@ -198,3 +198,38 @@ def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
     monkeypatch.setenv("PYLAZY_GRAPH_REUSE", "0")
     rebuilt = run()
     assert np.array_equal(cached, rebuilt)
+
+
+def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny):
+    """A lazy stage boundary that keeps every token changes nothing under recycling either: same
+    refresh picks and logits as without lazy stages (share 0; share > 0 spans one stage's layers, see
+    Recycle's docstring). With a pruning schedule, a later stage's picks are among its own cells."""
+    m, hp, _ = tiny
+    prompt = np.random.default_rng(7).integers(100, 40000, size=60).tolist()
+
+    def run(schedule, pool=1, n=12):
+        out = []
+        with Context(m, n_ctx=256) as ctx:
+            if schedule:
+                ctx.set_lazy(schedule, 0)
+            ctx.set_recycle(1, 8, 4, 0, pool=pool, share=0.0)
+            logits = ctx.eval(prompt)[-1]
+            for i in range(n):
+                logits, ran, _ = ctx.decode(int(logits.argmax()), recycled=i % 4 != 0)
+                out.append(logits.copy())
+            kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
+            stages = ctx.stages()
+        return np.array(out), kept, stages
+
+    plain, kept_plain, _ = run([])
+    staged, kept_staged, stages = run([(1, 1.0)])
+    assert len(stages) == 2
+    assert np.array_equal(plain, staged)
+    for a, b in zip(kept_plain, kept_staged):
+        assert np.array_equal(a, b)
+
+    pruned, kept_pruned, stages = run([(1, 0.3)])
+    later = stages[1]
+    assert len(later["cell_pos"]) < len(prompt)           # the stage really holds fewer tokens
+    for il in range(*later["layers"]):
+        assert set(kept_pruned[il].ravel().tolist()) <= set(later["cell_pos"].tolist())
