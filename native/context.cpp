@@ -323,7 +323,13 @@ struct Graph {
     std::vector<ggml_tensor *> sims;
     std::vector<RefreshLayer> refresh;
     ggml_tensor * gather_idx = nullptr; // sorted cells for the CUDA gather kernel (build_refresh_gather)
+    ggml_tensor * best = nullptr;       // F32 [n_kv]: the stage's best refresh score per cell (picks deferred)
 };
+
+// Refresh picks wait for every stage's scores (RecycleState::pending): share > 0 with several stages.
+bool defer_picks(const Context & c, const Batch & b) {
+    return b.kind == StepKind::Refresh && c.rec.mode == 1 && c.rec.share > 0.0f && c.stages.size() > 1;
+}
 
 // tpl_p0 >= 0: the mask is Context::causal_tpl seen from position tpl_p0 (run_batch decides).
 Graph build_stage_graph(Context & c, const Batch & b, int n_kv, int tpl_p0) {
@@ -377,7 +383,13 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv, int tpl_p0) {
         // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
         ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, c.aux[b.stage + 1], x, g.in.pos));
     }
-    g.gather_idx = build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
+    if (defer_picks(c, b) && !g.refresh.empty()) {
+        g.best = build_refresh_best(ctx0, c, g.refresh);
+        ggml_set_output(g.best);
+        ggml_build_forward_expand(g.gf, g.best);
+    } else {
+        g.gather_idx = build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
+    }
     for (ggml_tensor * t : g.sims) {
         if (!t) continue;   // a sliding-window layer: no similarity
         ggml_set_output(t);
@@ -400,6 +412,15 @@ Graph build_stage_graph(Context & c, const Batch & b, int n_kv, int tpl_p0) {
 // attend_all: rows see every cell of the stage at or before their position (prefill and revival);
 // otherwise fresh rows (positions >= first_fresh) see only cells whose position is in `attend`.
 // Host-side inputs of a Refresh or Recycled step (one fresh row: the last of the batch).
+// Refresh candidates (0) and the rest (FORCE_OUT) from the fresh row's mask: what it sees, except its own
+// cell (it is the first tail row).
+std::vector<float> refresh_bias(const ggml_fp16_t * last, int n_kv, int own_cell) {
+    const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
+    std::vector<float> bias(n_kv, FORCE_OUT);
+    for (int j = 0; j < n_kv; ++j) if (last[j] == zero && j != own_cell) bias[j] = 0.0f;
+    return bias;
+}
+
 void set_recycle_inputs(Context & c, const Batch & b, const RecycleInputs & in, const std::vector<ggml_fp16_t> & mask,
                         int n_kv, int own_cell) {
     RecycleState & r = c.rec;
@@ -413,11 +434,9 @@ void set_recycle_inputs(Context & c, const Batch & b, const RecycleInputs & in, 
         for (int i = 0; i < r.k + r.n_tail + 1; ++i) m[i] = zero;
         set_input(in.mask, m.data(), sizeof(ggml_fp16_t) * m.size());
     }
-    // Candidates: what the fresh row sees, except its own cell (it is the first tail row).
     const ggml_fp16_t * last = mask.data() + (size_t) (n - 1) * n_kv;
     if (in.bias) {
-        std::vector<float> bias(n_kv, FORCE_OUT);
-        for (int j = 0; j < n_kv; ++j) if (last[j] == zero && j != own_cell) bias[j] = 0.0f;
+        std::vector<float> bias = refresh_bias(last, n_kv, own_cell);
         set_input(in.bias, bias.data(), sizeof(float) * bias.size());
     }
     if (in.host_idx) {
@@ -616,6 +635,20 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
         r.sims.push_back(v);
     }
 
+    if (g.best) {
+        RecycleState::PendingPick pk;
+        pk.stage = b.stage;
+        pk.n_kv = n_kv;
+        pk.own_cell = (int) cells[n - 1];
+        for (const auto & l : g.refresh) pk.layers.push_back(l.il);
+        pk.kq_scale = g.refresh[0].kq_scale;
+        const ggml_fp16_t * last = mask.data() + (size_t) (n - 1) * n_kv;
+        pk.mask_row.assign(last, last + n_kv);
+        pk.bias = refresh_bias(last, n_kv, pk.own_cell);
+        pk.best.resize(n_kv);
+        ggml_backend_tensor_get(g.best, pk.best.data(), 0, sizeof(float) * n_kv);
+        c.rec.pending.push_back(std::move(pk));
+    }
     if (g.selected) {
         r.selected_cells.resize(b.n_select);
         ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * b.n_select);
@@ -674,6 +707,63 @@ void prefill_lazy(Context & c, const int32_t * tokens, int n, float * logits_out
 // and to each other. The last fresh row selects the next stage's set. A Recycled step selects and
 // revives nothing: where a stage keeps everything it attends as at the last refresh (selected set +
 // tokens since), elsewhere to the recycled cache.
+// The deferred refresh picks (RecycleState::pending): a token's best score over every stage's layers,
+// then per stage one graph that recomputes the stage's scores from the queries the refresh stored
+// (rq) and its cache, adds share x that best score and gathers as build_refresh_gather does. The
+// scores are the same ops on the same values as in the stage's refresh graph, so with one stage's
+// worth of layers this equals the single-graph refresh bit for bit.
+void refresh_picks(Context & c) {
+    RecycleState & r = c.rec;
+    const Hparams & hp = c.model->hp;
+    const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
+    std::vector<float> best_pos(c.n_past + 1, -INFINITY);   // by position, over every stage
+    for (const auto & pk : r.pending) {
+        const Stage & st = c.stages[pk.stage];
+        for (int j = 0; j < std::min(pk.n_kv, st.n_cells); ++j) {
+            best_pos[st.cell_pos[j]] = std::max(best_pos[st.cell_pos[j]], pk.best[j]);
+        }
+    }
+    ggml_backend_sched_t sched = c.sched[1];
+    for (const auto & pk : r.pending) {
+        const Stage & st = c.stages[pk.stage];
+        std::vector<float> best = pk.best;   // padding cells keep the stage's own value (never candidates)
+        for (int j = 0; j < std::min(pk.n_kv, st.n_cells); ++j) best[j] = best_pos[st.cell_pos[j]];
+
+        drop_graph_slot(c, 1);
+        ggml_backend_sched_reset(sched);
+        ggml_init_params ip = { c.graph_meta_refresh.size(), c.graph_meta_refresh.data(), true };
+        std::unique_ptr<ggml_context, void (*)(ggml_context *)> ctx{ggml_init(ip), ggml_free};
+        ggml_context * ctx0 = ctx.get();
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx0, c.graph_size, false);
+        ggml_tensor * mask = new_input(ctx0, GGML_TYPE_F16, pk.n_kv, 1, "pick_mask");
+        RecycleInputs in;
+        in.bias = new_input(ctx0, GGML_TYPE_F32, pk.n_kv, 1, "pick_bias");
+        in.best = new_input(ctx0, GGML_TYPE_F32, pk.n_kv, 1, "pick_best");
+        in.tail_row = new_input(ctx0, GGML_TYPE_I64, 1, 1, "pick_tail_row");
+        std::vector<RefreshLayer> layers;
+        for (int il : pk.layers) {
+            const size_t esz = ggml_element_size(c.k[il]), row = c.k[il]->nb[1];
+            ggml_tensor * kc = ggml_view_3d(ctx0, c.k[il], D, pk.n_kv, Hkv, row, D * esz, 0);
+            ggml_tensor * vc = ggml_view_3d(ctx0, c.v[il], D, pk.n_kv, Hkv, row, D * esz, 0);
+            ggml_tensor * logits = ggml_mul_mat(ctx0, kc, ggml_reshape_3d(ctx0, r.rq[il], D, H / Hkv, Hkv));
+            // The refresh token's K/V, [D, 1, Hkv], from its cell (the refresh graph wrote them there).
+            ggml_tensor * k_fresh = ggml_view_3d(ctx0, c.k[il], D, 1, Hkv, row, D * esz, (size_t) pk.own_cell * row);
+            ggml_tensor * v_fresh = ggml_view_3d(ctx0, c.v[il], D, 1, Hkv, row, D * esz, (size_t) pk.own_cell * row);
+            layers.push_back({il, kc, vc, logits, k_fresh, v_fresh, mask, pk.kq_scale});
+        }
+        ggml_tensor * sorted = build_refresh_gather(ctx0, gf, c, layers, in);
+        if (!ggml_backend_sched_alloc_graph(sched, gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the refresh picks graph");
+        const int64_t tail_row = r.k;
+        set_input(mask, pk.mask_row.data(), sizeof(ggml_fp16_t) * pk.n_kv);
+        set_input(in.bias, pk.bias.data(), sizeof(float) * pk.n_kv);
+        set_input(in.best, best.data(), sizeof(float) * pk.n_kv);
+        set_input(in.tail_row, &tail_row, sizeof(int64_t));
+        check_status(ggml_backend_sched_graph_compute(sched, gf), "refresh picks");
+        if (sorted) run_cuda_gather(c, layers, sorted, pk.own_cell);
+    }
+    r.pending.clear();
+}
+
 void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out,
           StepKind kind = StepKind::Full, float * sims = nullptr) {
     const int S = (int) c.stages.size();
@@ -682,6 +772,7 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
     const bool recycled = kind == StepKind::Recycled;
     const int fresh_from = recycled ? c.rec.refresh_pos : p0;   // cells at or after it are seen by fresh rows
     std::vector<char> in_attend;  // by position: attended by fresh rows of the current stage
+    c.rec.pending.clear();
     for (int s = 0; s < S; ++s) {
         Stage & st = c.stages[s];
         Batch b;
@@ -727,6 +818,7 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
             c.stages[s + 1].selected = sel;
         }
     }
+    if (!c.rec.pending.empty()) refresh_picks(c);
 }
 
 }  // namespace

@@ -64,9 +64,19 @@ ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, Context
     return ggml_mul_mat(ctx0, kc, ggml_reshape_3d(ctx0, q_last, D, H / Hkv, Hkv));   // [n_kv, G, Hkv]
 }
 
+// [n_kv]: per cell, the max over the rows of p [n_kv, rows].
+static ggml_tensor * best_of_rows(ggml_context * ctx0, ggml_tensor * p) {
+    const int64_t n_kv = p->ne[0], rows = p->ne[1];
+    ggml_tensor * best = ggml_pool_2d(ctx0, ggml_reshape_3d(ctx0, p, n_kv, rows, 1), GGML_OP_POOL_MAX,
+                                      1, (int) rows, 1, (int) rows, 0.0f, 0.0f);   // [n_kv, 1]
+    return ggml_reshape_1d(ctx0, best, n_kv);
+}
+
 // Per (layer, KV head) row of [n_kv, rows]: the score of each cell, max over the query heads of the
 // group of their attention probability, max-pooled over +-pool cells.
-static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r, const std::vector<RefreshLayer> & layers) {
+// with_share: add the share term, the best score taken from best_in ([n_kv], every stage) or this stack.
+static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r, const std::vector<RefreshLayer> & layers,
+                                    bool with_share, ggml_tensor * best_in) {
     ggml_tensor * l0 = layers[0].logits;
     const int64_t n_kv = l0->ne[0], G = l0->ne[1], Hkv = l0->ne[2], per_layer = G * Hkv;
     const int64_t n_rows = per_layer * (int64_t) layers.size();
@@ -88,13 +98,15 @@ static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r,
     // share > 0: every row also scores share x the cell's best score over all layers and KV heads. The
     // refresh query of a middle layer often does not attend to what that layer reads in the next steps
     // (a needle the upper layers already attend to); shared, such a cell is kept in every layer.
-    if (r.share > 0.0f) {
-        const int64_t rows = p->ne[1];
-        ggml_tensor * best = ggml_pool_2d(ctx0, ggml_reshape_3d(ctx0, p, n_kv, rows, 1), GGML_OP_POOL_MAX,
-                                          1, (int) rows, 1, (int) rows, 0.0f, 0.0f);   // [n_kv, 1]
+    if (with_share && r.share > 0.0f) {
+        ggml_tensor * best = best_in ? best_in : best_of_rows(ctx0, p);
         p = ggml_add(ctx0, p, ggml_scale(ctx0, ggml_reshape_2d(ctx0, best, n_kv, 1), r.share));
     }
     return p;
+}
+
+ggml_tensor * build_refresh_best(ggml_context * ctx0, Context & c, const std::vector<RefreshLayer> & layers) {
+    return best_of_rows(ctx0, refresh_scores(ctx0, c.rec, layers, false, nullptr));
 }
 
 ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
@@ -112,7 +124,7 @@ ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Contex
     const bool whole = r.mode == 1 && n_kv >= r.rows;
     const int n_take = whole ? r.rows : r.k;
     ggml_tensor * idx_all = nullptr;   // [n_take, Hkv * n_layers]
-    if (r.mode == 1) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers), in.bias), n_take);
+    if (r.mode == 1) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers, true, in.best), in.bias), n_take);
     // On CUDA the copies (and the refresh token's tail row) are one kernel after the graph.
     ggml_tensor * kernel_idx = whole && c.cuda_gather ? idx_all->view_src : nullptr;
     if (kernel_idx) {

@@ -41,6 +41,19 @@ struct RecycleState {
     std::vector<ggml_tensor *> ridx;  // per layer [k, Hkv] I32: cells chosen at the last refresh
     int64_t full_steps = 0, recycled_steps = 0;
 
+    // share > 0 with several lazy stages: a token's best score must come from every stage's layers, but
+    // each stage refreshes in its own graph over its own cells. So a stage's refresh graph stops at its
+    // per-cell best score (a PendingPick), and the picks are made once every stage has scored
+    // (refresh_picks in context.cpp), each stage's scores recomputed from the stored queries.
+    struct PendingPick {
+        int stage = 0, n_kv = 0, own_cell = 0;
+        std::vector<int> layers;                 // the stage's refreshed layers
+        float kq_scale = 1.0f;
+        std::vector<ggml_fp16_t> mask_row;       // the refresh row's attention mask [n_kv]
+        std::vector<float> bias, best;           // candidates (0 / FORCE_OUT), the stage's best score per cell
+    };
+    std::vector<PendingPick> pending;
+
     void free_buffers();
 };
 
@@ -50,6 +63,7 @@ struct RecycleInputs {
     ggml_tensor * mask = nullptr;       // F16 [R, 1]: valid recycled rows
     ggml_tensor * bias = nullptr;       // F32 [n_kv]: refresh candidates 0, others -2 (top-k mode)
     ggml_tensor * host_idx = nullptr;   // I32 [k, Hkv]: cells to keep (sinks + window mode)
+    ggml_tensor * best = nullptr;       // F32 [n_kv]: best score over all stages' layers (share, several stages)
 };
 
 void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, int pool, float share);
@@ -80,6 +94,10 @@ struct RefreshLayer {
 // kernel (Context::cuda_gather, run by run_batch after the graph), else null.
 ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
                                    const RecycleInputs & in);
+
+// The first half of a refresh with picks deferred (RecycleState::pending): per cell, the best score over
+// the layers and KV heads of `layers` [n_kv], before any share term.
+ggml_tensor * build_refresh_best(ggml_context * ctx0, Context & c, const std::vector<RefreshLayer> & layers);
 
 // Attention of a recycled step at layer il over the recycled cache; k_fresh/v_fresh [D, Hkv, 1].
 ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,

@@ -194,9 +194,9 @@ class Recycle:
     (a middle layer's refresh query often does not look at the needle its next steps read).
     0 is the paper's per-layer selection; in [0, 1]. Default 0.5: on SmolLM2 needles at
     4K-8K, 96.5 % of full attention's score over 720 GPU prompts (96.4 % on 240 held out)
-    against 91 % with share=0 (docs/eval/README.md). After a lazy prefill that pruned, the
-    best score is taken over the layers of the token's lazy stage only: each stage holds its
-    own set of tokens and refreshes in its own graph.
+    against 91 % with share=0 (docs/eval/README.md). After a lazy prefill (one graph per
+    stage), the picks wait until every stage has scored, so the best score still spans all
+    layers (a token a stage never computed takes its best from the stages that did).
     """
 
     k: int

@@ -200,10 +200,13 @@ def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
     assert np.array_equal(cached, rebuilt)
 
 
-def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny):
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny, share):
     """A lazy stage boundary that keeps every token changes nothing under recycling either: same
-    refresh picks and logits as without lazy stages (share 0; share > 0 spans one stage's layers, see
-    Recycle's docstring). With a pruning schedule, a later stage's picks are among its own cells."""
+    refresh picks and logits as without lazy stages. With share > 0 a token's best score comes from
+    every stage's layers (the picks wait for all stages: refresh_picks), so this holds there too (it
+    failed while each stage shared over its own layers only). With a pruning schedule, a later stage's
+    picks are among its own cells."""
     m, hp, _ = tiny
     prompt = np.random.default_rng(7).integers(100, 40000, size=60).tolist()
 
@@ -212,7 +215,7 @@ def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny):
         with Context(m, n_ctx=256) as ctx:
             if schedule:
                 ctx.set_lazy(schedule, 0)
-            ctx.set_recycle(1, 8, 4, 0, pool=pool, share=0.0)
+            ctx.set_recycle(1, 8, 4, 0, pool=pool, share=share)
             logits = ctx.eval(prompt)[-1]
             for i in range(n):
                 logits, ran, _ = ctx.decode(int(logits.argmax()), recycled=i % 4 != 0)
