@@ -4,7 +4,7 @@
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
 # Env: SAMPLES, SEED, ONLY (names of the set's policies to run), TAG (suffix of the output folder, to
 # keep several runs of one call apart). SET=recycle runs only recycling settings, SET=lazy only
-# aggressive lazy schedules, both at 4K/8K (the issues' range) with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
+# aggressive lazy schedules, SET=combo lazy + recycled together, both at 4K/8K (the issues' range) with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
 # machine's Python (2026-11-23, after the table was written); plot results.json locally.
 set -uo pipefail
 MODEL=$1 OUT=$2
@@ -25,11 +25,15 @@ declare -A P=(
   [rec_k4_s16]='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'
   [rec_dyn09]='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
   [stream]='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
+  [lazy_rec]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
+  [lazy_rec_share0]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
 )
 case ${SET:-} in
   recycle) names="full rec_s16 rec_share0 rec_s16_p16 rec_s8 rec_k4_s16 stream" lengths=(4096 7936) ppl=0 ;;
   # how far the lazy schedule can go (the GPU issue's 2.5x TTFT at 32K needs ~40 % of token-layers computed)
   lazy) names="full lazy_default lazy_30_20_10 lazy_25_15_10 lazy_20_10_05" lengths=(4096 7936) ppl=0 ;;
+  # both methods in one call (lazy prefill, then recycled decode over the lazy stages)
+  combo) names="full lazy_default rec_s16 lazy_rec lazy_rec_share0" lengths=(4096 7936) ppl=0 ;;
   *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
 esac
 args=()
