@@ -4,7 +4,8 @@
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
 # Env: SAMPLES, SEED, ONLY (names of the set's policies to run), TAG (suffix of the output folder, to
 # keep several runs of one call apart). SET=recycle runs only recycling settings, SET=lazy only
-# aggressive lazy schedules, SET=combo lazy + recycled together, both at 4K/8K (the issues' range) with no perplexity. No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
+# aggressive lazy schedules, SET=combo lazy + recycled together; all three at 4K/8K with no perplexity.
+# No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
 # machine's Python (2026-11-23, after the table was written); plot results.json locally.
 set -uo pipefail
 MODEL=$1 OUT=$2

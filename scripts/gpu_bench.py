@@ -93,11 +93,15 @@ def ours_decode(ctx, n_steps, recycle_stride=0, step_ms=None) -> float:
     return rate
 
 
-def recycle_gather_parity(m, args, depth=6000, steps=40) -> dict:
+def recycle_gather_parity(m, args, depth=6000, steps=40, lazy=False) -> dict:
     """Recycled greedy decode (K=recycle-k/2, S=stride) with the CUDA gather kernel and with the plain-op
-    gather (PYLAZY_CUDA_GATHER=0, read when a context is made): the logits must be bit-identical."""
+    gather (PYLAZY_CUDA_GATHER=0, read when a context is made): the logits must be bit-identical.
+    lazy: after LazyPrefill() (one graph per stage; with share the picks run after all stages)."""
     def run():
         with Context(m, n_ctx=depth + steps + 256, n_ubatch=args.n_ubatch) as ctx:
+            if lazy:
+                lp = pylazy.LazyPrefill()
+                ctx.set_lazy(lp.resolve(m.info.n_layer), lp.pool)
             ctx.set_recycle(1, args.recycle_k // 2, args.stride, 0, pool=args.pool, share=args.share)
             logits = ctx.eval(tokens(depth, seed=3))
             out = []
@@ -193,6 +197,8 @@ def main(argv=None):
         log("parity", res["parity"])
         res["recycle_gather_parity"] = recycle_gather_parity(m, args)
         log("recycle gather parity", res["recycle_gather_parity"])
+        res["recycle_gather_parity_lazy"] = recycle_gather_parity(m, args, lazy=True)
+        log("recycle gather parity after a lazy prefill", res["recycle_gather_parity_lazy"])
     ctx = Context(m, n_ctx=n_ctx, n_ubatch=args.n_ubatch)
 
     def prefill(n, schedule, pool=0):
@@ -250,7 +256,13 @@ def main(argv=None):
     if "parity" in res:
         p = res["parity"]
         lines += [f"parity ({p['tokens']} tokens): max |logit diff| {p['max_abs_diff']:.4g} (logit std {p['logit_std']:.3g}), "
-                  f"top-1 agreement {p['top1_agreement']:.4f}", ""]
+                  f"top-1 agreement {p['top1_agreement']:.4f}"]
+        for key, what in (("recycle_gather_parity", ""), ("recycle_gather_parity_lazy", " after LazyPrefill()")):
+            if key in res:
+                q = res[key]
+                lines.append(f"recycled decode{what}, CUDA gather kernel vs plain-op gather ({q['steps']} steps at depth "
+                             f"{q['depth']}): max |logit diff| {q['max_abs_diff']:.4g}")
+        lines.append("")
     if ours["prefill"]:
         lines += ["| prefill | llama.cpp tok/s | pylazy full tok/s | ratio |", "|---|---|---|---|"]
         lines += [f"| {n} | {ref['prefill'][n]:.0f} | {ours['prefill'][n]:.0f} | {ours['prefill'][n] / ref['prefill'][n]:.2f}× |"
