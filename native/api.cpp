@@ -196,13 +196,19 @@ int plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, int64_t * r
     });
 }
 
+// The context of a read of the last refresh at layer il, after checking there is one.
+static const plz::Context & refreshed(const plz_context * ctx, int32_t il, const void * out) {
+    require(ctx && out, "null argument");
+    const plz::Context & c = *ctx->c;
+    require(c.rec.mode != 0 && c.rec.valid, "no recycled cache (recycling off or no refresh yet)");
+    require(il >= 0 && il < c.model->hp.n_layer, "layer out of range");
+    return c;
+}
+
 int plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions) {
     return guarded([&] {
-        require(ctx && positions, "null argument");
-        const plz::Context & c = *ctx->c;
+        const plz::Context & c = refreshed(ctx, il, positions);
         const plz::RecycleState & r = c.rec;
-        require(r.mode != 0 && r.valid, "no recycled cache (recycling off or no refresh yet)");
-        require(il >= 0 && il < c.model->hp.n_layer, "layer out of range");
         size_t s = 0;
         while (!(il >= c.stages[s].il0 && il < c.stages[s].il1)) ++s;
         const int n = r.k * c.model->hp.n_head_kv;
@@ -213,6 +219,13 @@ int plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positio
         std::vector<int32_t> cells(n);
         ggml_backend_tensor_get(r.ridx[il], cells.data(), 0, sizeof(int32_t) * n);
         for (int i = 0; i < n; ++i) positions[i] = c.stages[s].cell_pos[cells[i]];
+    });
+}
+
+int plz_recycle_query(const plz_context * ctx, int32_t il, float * q) {
+    return guarded([&] {
+        const plz::Context & c = refreshed(ctx, il, q);
+        ggml_backend_tensor_get(c.rec.rq[il], q, 0, ggml_nbytes(c.rec.rq[il]));
     });
 }
 

@@ -97,6 +97,8 @@ PLZ_API int  plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, in
 // Positions chosen per KV head at layer il by the last refresh: [n_head_kv, k]; -1 where the stage
 // kept every token (no gather).
 PLZ_API int  plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions);
+// The query of the last refresh at layer il (after RoPE, as attention used it): [n_head * head_dim] F32.
+PLZ_API int  plz_recycle_query(const plz_context * ctx, int32_t il, float * q);
 
 // Per-op profiling (native/op_profile.cpp): a ggml scheduler eval callback that times every node. A
 // context uses it when PYLAZY_PROFILE=ops; libllama takes it as llama_context_params.cb_eval.

@@ -86,6 +86,7 @@ _sigs = {
                                   ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)]),
     "plz_recycle_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]),
     "plz_recycle_positions": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32)]),
+    "plz_recycle_query": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float)]),
     "plz_n_stages": (ctypes.c_int, [_p]),
     "plz_stage_info": (ctypes.c_int, [_p, ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 4),
     "plz_stage_positions": (ctypes.c_int, [_p, ctypes.c_int32] + [ctypes.POINTER(ctypes.c_int32)] * 2),

@@ -230,6 +230,13 @@ class Context(_Owned):
         _raise_for(N.lib.plz_recycle_positions(self.handle, int(layer), _i32p(out)), "recycle_positions")
         return out
 
+    def recycle_query(self, layer: int) -> np.ndarray:
+        """The last refresh's query at `layer` (after RoPE), [n_head, head_dim]."""
+        info = self.model.info
+        out = np.zeros((info.n_head, info.head_dim), dtype=np.float32)
+        _raise_for(N.lib.plz_recycle_query(self.handle, int(layer), _f32p(out)), "recycle_query")
+        return out
+
     def stages(self) -> list:
         """Per stage: layers [il0, il1), positions holding a cell, positions selected at the last step."""
         out = []

@@ -175,6 +175,15 @@ def test_bad_recycle_values(tiny):
         for share in (-0.5, 1.5, float("nan")):
             with pytest.raises(ValueError):
                 ctx.set_recycle(1, 8, 16, 0, share=share)
+        with pytest.raises(ValueError):     # no refresh yet: nothing to read
+            ctx.recycle_query(0)
+        ctx.set_recycle(1, 8, 16, 0)
+        ctx.eval(list(range(100, 120)))
+        ctx.decode(7, recycled=False)
+        assert ctx.recycle_query(0).shape == (m.info.n_head, m.info.head_dim)
+        for layer in (-1, m.info.n_layer):
+            with pytest.raises(ValueError):
+                ctx.recycle_query(layer)
 
 
 def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
@@ -236,3 +245,59 @@ def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny, share):
     assert len(later["cell_pos"]) < len(prompt)           # the stage really holds fewer tokens
     for il in range(*later["layers"]):
         assert set(kept_pruned[il].ravel().tolist()) <= set(later["cell_pos"].tolist())
+
+
+def test_refresh_picks_across_lazy_stages_match_numpy(tiny):
+    """After a pruning lazy prefill, a refresh's picks per (layer, KV head) equal a numpy reference
+    computed from the refresh queries and each stage's K: softmax over what the fresh row sees in its
+    stage (all cells in stage 0, the selected ones + itself later), max over the group's query heads,
+    max-pooled along the stage's cells, plus share x the token's best score over every layer of every
+    stage (matched by position), top-k among the visible cells but the fresh one."""
+    m, hp, _ = tiny
+    K, pool, share = 8, 1, 0.5
+    D, H, Hkv = hp["head_dim"], hp["n_head"], hp["n_head_kv"]
+    prompt = np.random.default_rng(11).integers(100, 40000, size=60).tolist()
+    p0 = len(prompt)
+    with Context(m, n_ctx=256) as ctx:
+        ctx.set_lazy([(1, 0.5)], 0)
+        ctx.set_recycle(1, K, 4, 0, pool=pool, share=share)
+        logits = ctx.eval(prompt)[-1]
+        ctx.decode(int(logits.argmax()), recycled=False)        # the refresh, at position p0
+        stages = ctx.stages()
+        kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
+        per_layer = []
+        for s, st in enumerate(stages):
+            cells = st["cell_pos"]
+            seen = np.ones(len(cells), bool) if s == 0 else np.isin(cells, np.append(st["selected"], p0))
+            for il in range(*st["layers"]):
+                q = ctx.recycle_query(il).astype(np.float64)
+                k = ctx.read_kv(il, cells)[0].reshape(len(cells), Hkv, D).transpose(1, 0, 2).astype(np.float64)
+                logit = np.einsum("hd,hnd->hn", q, np.repeat(k, H // Hkv, axis=0)) / np.sqrt(D)
+                probs = R.softmax(np.where(seen, logit, -np.inf), axis=-1)
+                pooled = R.pool_max(probs.reshape(Hkv, H // Hkv, -1).max(axis=1), pool)
+                per_layer.append((il, cells, seen & (cells != p0), pooled))
+    assert len(stages) == 2 and len(stages[1]["cell_pos"]) < p0      # the later stage really holds fewer
+
+    def picks(best_of):
+        out = {}
+        for il, cells, cand, pooled in per_layer:
+            ranked = np.where(cand, pooled + share * best_of(il)[cells], -np.inf)
+            rows = [np.sort(cells[np.argsort(-r, kind="stable")[:K]]) for r in ranked]
+            by_pos = [dict(zip(cells.tolist(), r.tolist())) for r in ranked]
+            out[il] = (np.array(rows), by_pos)
+        return out
+
+    def best_over(layers):
+        best = np.full(p0 + 1, -np.inf)
+        for il, cells, _, pooled in per_layer:
+            if il in layers:
+                best[cells] = np.maximum(best[cells], pooled.max(axis=0))
+        return best
+
+    everywhere = best_over(range(hp["n_layer"]))
+    ref = picks(lambda il: everywhere)
+    per_stage = picks(lambda il: best_over(range(*next(st["layers"] for st in stages if st["layers"][0] <= il < st["layers"][1]))))
+    for il in range(hp["n_layer"]):
+        _close_sets(kept[il], ref[il][0], ref[il][1])
+    # sharing within each stage only would pick otherwise somewhere: the test tells the two apart
+    assert any(not np.array_equal(ref[il][0], per_stage[il][0]) for il in range(hp["n_layer"]))
