@@ -72,6 +72,11 @@ struct Inputs {
 // pos_row - pos_cell >= n_swa. Recycled attention applies to global layers only: an SWA layer sees at
 // most n_swa tokens anyway, so at Refresh and Recycled steps it attends as at a full step (stage cache,
 // window mask), is not scored for the recycled cache, and reports no query similarity (NaN).
+// Cells [c0, c0 + n) of a layer's K or V cache as [D, n, Hkv]: per KV head, one row per cell.
+ggml_tensor * cache_rows(ggml_context * ctx0, ggml_tensor * t, int D, int Hkv, int64_t c0, int64_t n) {
+    return ggml_view_3d(ctx0, t, D, n, Hkv, t->nb[1], D * ggml_element_size(t), (size_t) c0 * t->nb[1]);
+}
+
 ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
                           ggml_tensor * x, const Inputs & in, int n_kv, ggml_tensor ** scores, int n_out) {
     const Model & m = *c.model;
@@ -112,10 +117,8 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.k[il], ggml_view_2d(ctx0, k, D * Hkv, n, k->nb[2], 0), in.cells));
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.v[il], v, in.cells));
 
-    // Cache rows viewed as [D, n_kv, Hkv]: per KV head, one row per cell.
-    const size_t esz = ggml_element_size(c.k[il]);
-    ggml_tensor * kc = ggml_view_3d(ctx0, c.k[il], D, n_kv, Hkv, c.k[il]->nb[1], D * esz, 0);
-    ggml_tensor * vc = ggml_view_3d(ctx0, c.v[il], D, n_kv, Hkv, c.v[il]->nb[1], D * esz, 0);
+    ggml_tensor * kc = cache_rows(ctx0, c.k[il], D, Hkv, 0, n_kv);
+    ggml_tensor * vc = cache_rows(ctx0, c.v[il], D, Hkv, 0, n_kv);
 
     // Last row's query per head, [D, 1, H]; K broadcasts over the query heads of its group.
     ggml_tensor * q_last = ggml_view_3d(ctx0, q, D, 1, H, q->nb[1], q->nb[1], (size_t) (n - 1) * q->nb[2]);
@@ -644,7 +647,6 @@ BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * log
         pk.kq_scale = g.refresh[0].kq_scale;
         const ggml_fp16_t * last = mask.data() + (size_t) (n - 1) * n_kv;
         pk.mask_row.assign(last, last + n_kv);
-        pk.bias = refresh_bias(last, n_kv, pk.own_cell);
         pk.best.resize(n_kv);
         ggml_backend_tensor_get(g.best, pk.best.data(), 0, sizeof(float) * n_kv);
         c.rec.pending.push_back(std::move(pk));
@@ -742,20 +744,19 @@ void refresh_picks(Context & c) {
         in.tail_row = new_input(ctx0, GGML_TYPE_I64, 1, 1, "pick_tail_row");
         std::vector<RefreshLayer> layers;
         for (int il : pk.layers) {
-            const size_t esz = ggml_element_size(c.k[il]), row = c.k[il]->nb[1];
-            ggml_tensor * kc = ggml_view_3d(ctx0, c.k[il], D, pk.n_kv, Hkv, row, D * esz, 0);
-            ggml_tensor * vc = ggml_view_3d(ctx0, c.v[il], D, pk.n_kv, Hkv, row, D * esz, 0);
+            ggml_tensor * kc = cache_rows(ctx0, c.k[il], D, Hkv, 0, pk.n_kv);
             ggml_tensor * logits = ggml_mul_mat(ctx0, kc, ggml_reshape_3d(ctx0, r.rq[il], D, H / Hkv, Hkv));
             // The refresh token's K/V, [D, 1, Hkv], from its cell (the refresh graph wrote them there).
-            ggml_tensor * k_fresh = ggml_view_3d(ctx0, c.k[il], D, 1, Hkv, row, D * esz, (size_t) pk.own_cell * row);
-            ggml_tensor * v_fresh = ggml_view_3d(ctx0, c.v[il], D, 1, Hkv, row, D * esz, (size_t) pk.own_cell * row);
-            layers.push_back({il, kc, vc, logits, k_fresh, v_fresh, mask, pk.kq_scale});
+            layers.push_back({il, kc, cache_rows(ctx0, c.v[il], D, Hkv, 0, pk.n_kv), logits,
+                              cache_rows(ctx0, c.k[il], D, Hkv, pk.own_cell, 1), cache_rows(ctx0, c.v[il], D, Hkv, pk.own_cell, 1),
+                              mask, pk.kq_scale});
         }
         ggml_tensor * sorted = build_refresh_gather(ctx0, gf, c, layers, in);
         if (!ggml_backend_sched_alloc_graph(sched, gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the refresh picks graph");
         const int64_t tail_row = r.k;
         set_input(mask, pk.mask_row.data(), sizeof(ggml_fp16_t) * pk.n_kv);
-        set_input(in.bias, pk.bias.data(), sizeof(float) * pk.n_kv);
+        const std::vector<float> bias = refresh_bias(pk.mask_row.data(), pk.n_kv, pk.own_cell);
+        set_input(in.bias, bias.data(), sizeof(float) * pk.n_kv);
         set_input(in.best, best.data(), sizeof(float) * pk.n_kv);
         set_input(in.tail_row, &tail_row, sizeof(int64_t));
         check_status(ggml_backend_sched_graph_compute(sched, gf), "refresh picks");

@@ -50,7 +50,7 @@ struct RecycleState {
         std::vector<int> layers;                 // the stage's refreshed layers
         float kq_scale = 1.0f;
         std::vector<ggml_fp16_t> mask_row;       // the refresh row's attention mask [n_kv]
-        std::vector<float> bias, best;           // candidates (0 / FORCE_OUT), the stage's best score per cell
+        std::vector<float> best;                 // the stage's best score per cell
     };
     std::vector<PendingPick> pending;
 
