@@ -180,10 +180,11 @@ int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap
 
 int plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run) {
     return guarded([&] {
-        require(ctx && logits && (kind == PLZ_STEP_FULL || kind == PLZ_STEP_RECYCLED), "bad decode arguments");
+        require(ctx && logits && (kind == PLZ_STEP_FULL || kind == PLZ_STEP_RECYCLED || kind == PLZ_STEP_SELECT),
+                "bad decode arguments");
         plz::set_cpu_threads(ctx->c->model->backend_cpu, ctx->c->n_threads);
         plz::StepKind ran = plz::decode(ctx->c, token, kind == PLZ_STEP_RECYCLED ? plz::StepKind::Recycled : plz::StepKind::Full,
-                                        logits, sims);
+                                        kind == PLZ_STEP_SELECT, logits, sims);
         if (kind_run) *kind_run = ran == plz::StepKind::Recycled ? PLZ_STEP_RECYCLED : PLZ_STEP_FULL;
     });
 }

@@ -197,7 +197,7 @@ struct Batch {
 
 struct BatchResult {
     std::vector<int32_t> selected_cells;
-    std::vector<float> sims;           // per layer of the stage (want_sims)
+    std::vector<std::pair<int, float>> sims;   // (layer, query similarity) of recycled layers (want_sims)
 };
 
 }  // namespace
@@ -317,103 +317,148 @@ Context::~Context() {
 
 namespace {
 
+// One stage's part of a batch, made ready on the host: the rows' cells, attention masks and, when the
+// batch selects for the next stage, the selection bias. A graph runs one segment (prefill chunks,
+// revival, selecting and refresh steps) or, for one-token steps that select nothing, one segment per
+// stage: the token then goes through every stage in a single graph.
+struct Segment {
+    Batch b;
+    std::vector<int64_t> cells;
+    int n_kv = 0;
+    int tpl_p0 = -1;                          // >= 0: the mask is Context::causal_tpl seen from this position
+    std::vector<ggml_fp16_t> mask, mask_swa;  // [n_kv, n]; empty when the graph does not read it
+    std::vector<float> bias;                  // [n_kv] selection bias (b.n_select > 0)
+};
+
 struct Graph {
     std::unique_ptr<ggml_context, void (*)(ggml_context *)> ctx{nullptr, ggml_free};
     ggml_cgraph * gf = nullptr;
-    Inputs in;
+    std::vector<Inputs> in;             // per segment
     ggml_tensor * logits = nullptr;
     ggml_tensor * selected = nullptr;   // I32 [n_select] cells chosen for the next stage
-    std::vector<ggml_tensor *> sims;
+    std::vector<std::vector<ggml_tensor *>> sims;   // per segment, per layer of its stage (null: SWA layer)
     std::vector<RefreshLayer> refresh;
     ggml_tensor * gather_idx = nullptr; // sorted cells for the CUDA gather kernel (build_refresh_gather)
     ggml_tensor * best = nullptr;       // F32 [n_kv]: the stage's best refresh score per cell (picks deferred)
 };
+
+// What a cached one-token graph was built for. Inputs that change from step to step (token, position,
+// cells, masks, recycled-cache rows) are uploaded into the cached graph; anything that changes a
+// tensor's shape or the ops is here, and a step whose shape differs builds a new graph.
+std::vector<int> graph_shape(const Context & c, const std::vector<Segment> & segs) {
+    std::vector<int> shape = {c.rec.rows};
+    for (const Segment & sg : segs) {
+        const Batch & b = sg.b;
+        shape.insert(shape.end(), {b.stage, (int) b.kind, sg.n_kv, b.n_logits, (int) b.want_sims,
+                                   (int) c.rec.stage_all[b.stage], (int) sg.mask.empty(), sg.tpl_p0 >= 0});
+    }
+    return shape;
+}
 
 // Refresh picks wait for every stage's scores (RecycleState::pending): share > 0 with several stages.
 bool defer_picks(const Context & c, const Batch & b) {
     return b.kind == StepKind::Refresh && c.rec.mode == 1 && c.rec.share > 0.0f && c.stages.size() > 1;
 }
 
-// tpl_p0 >= 0: the mask is Context::causal_tpl seen from position tpl_p0 (run_batch decides).
-Graph build_stage_graph(Context & c, const Batch & b, int n_kv, int tpl_p0) {
-    const Stage & st = c.stages[b.stage];
-    const int n = (int) b.rows.size();
-    const bool last_stage = b.stage + 1 == (int) c.stages.size();
-    Graph g;
-    std::vector<uint8_t> & meta = b.kind == StepKind::Refresh ? c.graph_meta_refresh : c.graph_meta;
+// The graph inputs of one segment. Segments after the first continue the first one's rows: they share
+// its positions and take their hidden states from the previous stage inside the graph.
+void make_inputs(Context & c, ggml_context * ctx0, const Segment & sg, const Inputs * first, Inputs & in) {
+    const Batch & b = sg.b;
+    const int n = (int) b.rows.size(), n_kv = sg.n_kv;
+    if (!first) {
+        in.rows = new_input(ctx0, GGML_TYPE_I32, n, 1, "rows");
+        in.pos  = new_input(ctx0, GGML_TYPE_I32, n, 1, "pos");
+    } else {
+        in.pos = first->pos;
+    }
+    in.cells = new_input(ctx0, GGML_TYPE_I64, n, 1, "cells");
+    if (sg.tpl_p0 >= 0) {
+        ggml_tensor * t = c.causal_tpl;
+        in.mask = ggml_cont(ctx0, ggml_view_2d(ctx0, t, n_kv, n, t->nb[1], (size_t) (c.tpl_shift - sg.tpl_p0) * t->nb[0]));
+    } else {
+        in.mask = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
+    }
+    if (c.model->hp.n_swa > 0) in.mask_swa = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask_swa");
+    if (b.n_select > 0) in.score_bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "score_bias");
+    in.kind = b.kind;
+    in.recycle_stage = b.kind != StepKind::Full && !c.rec.stage_all[b.stage];
+    if (in.recycle_stage) {
+        const int Hkv = c.model->hp.n_head_kv;
+        in.rec.tail_row = new_input(ctx0, GGML_TYPE_I64, 1, 1, "rec_tail_row");
+        if (b.kind == StepKind::Recycled) in.rec.mask = new_input(ctx0, GGML_TYPE_F16, c.rec.rows, 1, "rec_mask");
+        if (b.kind == StepKind::Refresh && c.rec.mode == 1) in.rec.bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "rec_bias");
+        if (b.kind == StepKind::Refresh && c.rec.mode == 2) in.rec.host_idx = new_input(ctx0, GGML_TYPE_I32, c.rec.k, Hkv, "rec_idx");
+    }
+}
+
+// The hidden states entering the first segment: token embeddings (stage 0) or aux rows (revival).
+ggml_tensor * build_input_rows(ggml_context * ctx0, Context & c, const Batch & b, Inputs & in) {
+    ggml_tensor * x;
+    if (b.stage == 0 && (int) b.rows.size() <= HOST_EMBD_MAX) {
+        x = in.embd = new_input(ctx0, GGML_TYPE_F32, c.model->hp.n_embd, (int64_t) b.rows.size(), "embd");
+    } else {
+        x = ggml_get_rows(ctx0, b.stage == 0 ? c.model->tok_embd : c.aux[b.stage], in.rows);
+    }
+    // gemma3 scales embeddings by sqrt(n_embd); aux rows (later stages) are hidden states, already scaled.
+    if (b.stage == 0 && c.model->hp.embd_scale != 1.0f) x = ggml_scale(ctx0, x, c.model->hp.embd_scale);
+    return x;
+}
+
+void build_graph(Context & c, const std::vector<Segment> & segs, Graph & g) {
+    const StepKind kind = segs[0].b.kind;
+    std::vector<uint8_t> & meta = kind == StepKind::Refresh ? c.graph_meta_refresh : c.graph_meta;
     ggml_init_params ip = { meta.size(), meta.data(), true };
     g.ctx.reset(ggml_init(ip));
     ggml_context * ctx0 = g.ctx.get();
     g.gf = ggml_new_graph_custom(ctx0, c.graph_size, false);
-    g.in.rows  = new_input(ctx0, GGML_TYPE_I32, n, 1, "rows");
-    g.in.pos   = new_input(ctx0, GGML_TYPE_I32, n, 1, "pos");
-    g.in.cells = new_input(ctx0, GGML_TYPE_I64, n, 1, "cells");
-    if (tpl_p0 >= 0) {
-        ggml_tensor * t = c.causal_tpl;
-        g.in.mask = ggml_cont(ctx0, ggml_view_2d(ctx0, t, n_kv, n, t->nb[1], (size_t) (c.tpl_shift - tpl_p0) * t->nb[0]));
-    } else {
-        g.in.mask = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask");
+    g.in.resize(segs.size());
+    g.sims.resize(segs.size());
+    ggml_tensor * x = nullptr, * scores = nullptr;
+    for (size_t i = 0; i < segs.size(); ++i) {
+        const Batch & b = segs[i].b;
+        const Stage & st = c.stages[b.stage];
+        const bool last_stage = b.stage + 1 == (int) c.stages.size();
+        Inputs & in = g.in[i];
+        make_inputs(c, ctx0, segs[i], i == 0 ? nullptr : &g.in[0], in);
+        if (b.want_sims && in.recycle_stage && b.kind == StepKind::Recycled) in.sims = &g.sims[i];
+        in.refresh = &g.refresh;
+        if (i == 0) x = build_input_rows(ctx0, c, b, in);
+        for (int il = st.il0; il < st.il1; ++il) {
+            const bool pruning_layer = b.n_select > 0 && il == st.il1 - 1;
+            const int n_out = last_stage && il == st.il1 - 1 && b.n_logits > 0 ? b.n_logits : (int) b.rows.size();
+            x = build_layer(ctx0, g.gf, c, il, x, in, segs[i].n_kv, pruning_layer ? &scores : nullptr, n_out);
+        }
+        if (!last_stage) {
+            // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
+            ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, c.aux[b.stage + 1], x, in.pos));
+        }
+        if (last_stage && b.n_logits > 0) {
+            g.logits = build_logits(ctx0, *c.model, x);
+            ggml_set_output(g.logits);
+            ggml_build_forward_expand(g.gf, g.logits);
+        }
     }
-    if (c.model->hp.n_swa > 0) g.in.mask_swa = new_input(ctx0, GGML_TYPE_F16, n_kv, n, "mask_swa");
-    if (b.n_select > 0) g.in.score_bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "score_bias");
-    g.in.kind = b.kind;
-    g.in.recycle_stage = b.kind != StepKind::Full && !c.rec.stage_all[b.stage];
-    if (g.in.recycle_stage) {
-        const int Hkv = c.model->hp.n_head_kv;
-        g.in.rec.tail_row = new_input(ctx0, GGML_TYPE_I64, 1, 1, "rec_tail_row");
-        if (b.kind == StepKind::Recycled) g.in.rec.mask = new_input(ctx0, GGML_TYPE_F16, c.rec.rows, 1, "rec_mask");
-        if (b.kind == StepKind::Refresh && c.rec.mode == 1) g.in.rec.bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "rec_bias");
-        if (b.kind == StepKind::Refresh && c.rec.mode == 2) g.in.rec.host_idx = new_input(ctx0, GGML_TYPE_I32, c.rec.k, Hkv, "rec_idx");
-    }
-    if (b.want_sims && g.in.recycle_stage && b.kind == StepKind::Recycled) g.in.sims = &g.sims;
-    g.in.refresh = &g.refresh;
-
-    ggml_tensor * x;
-    if (b.stage == 0 && n <= HOST_EMBD_MAX) {
-        x = g.in.embd = new_input(ctx0, GGML_TYPE_F32, c.model->hp.n_embd, n, "embd");
-    } else {
-        x = ggml_get_rows(ctx0, b.stage == 0 ? c.model->tok_embd : c.aux[b.stage], g.in.rows);
-    }
-    // gemma3 scales embeddings by sqrt(n_embd); aux rows (later stages) are hidden states, already scaled.
-    if (b.stage == 0 && c.model->hp.embd_scale != 1.0f) x = ggml_scale(ctx0, x, c.model->hp.embd_scale);
-    ggml_tensor * scores = nullptr;
-    for (int il = st.il0; il < st.il1; ++il) {
-        const bool pruning_layer = b.n_select > 0 && il == st.il1 - 1;
-        const int n_out = last_stage && il == st.il1 - 1 && b.n_logits > 0 ? b.n_logits : n;
-        x = build_layer(ctx0, g.gf, c, il, x, g.in, n_kv, pruning_layer ? &scores : nullptr, n_out);
-    }
-    if (!last_stage) {
-        // Every row's hidden state at the boundary: kept rows go on from here, pruned ones are revived from here.
-        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx0, c.aux[b.stage + 1], x, g.in.pos));
-    }
-    if (defer_picks(c, b) && !g.refresh.empty()) {
+    const Batch & b0 = segs[0].b;
+    if (defer_picks(c, b0) && !g.refresh.empty()) {
         g.best = build_refresh_best(ctx0, c, g.refresh);
         ggml_set_output(g.best);
         ggml_build_forward_expand(g.gf, g.best);
     } else {
-        g.gather_idx = build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in.rec);
+        g.gather_idx = build_refresh_gather(ctx0, g.gf, c, g.refresh, g.in[0].rec);
     }
-    for (ggml_tensor * t : g.sims) {
-        if (!t) continue;   // a sliding-window layer: no similarity
-        ggml_set_output(t);
-        ggml_build_forward_expand(g.gf, t);
+    for (const auto & seg_sims : g.sims) {
+        for (ggml_tensor * t : seg_sims) {
+            if (!t) continue;   // a sliding-window layer: no similarity
+            ggml_set_output(t);
+            ggml_build_forward_expand(g.gf, t);
+        }
     }
     if (scores) {
-        g.selected = ggml_top_k(ctx0, scores, b.n_select);
+        g.selected = ggml_top_k(ctx0, scores, segs.back().b.n_select);
         ggml_set_output(g.selected);
         ggml_build_forward_expand(g.gf, g.selected);
     }
-    if (last_stage && b.n_logits > 0) {
-        g.logits = build_logits(ctx0, *c.model, x);
-        ggml_set_output(g.logits);
-        ggml_build_forward_expand(g.gf, g.logits);
-    }
-    return g;
 }
-
-// Runs a batch: assigns cells, builds the mask from `visible`, computes, returns the selection.
-// attend_all: rows see every cell of the stage at or before their position (prefill and revival);
-// otherwise fresh rows (positions >= first_fresh) see only cells whose position is in `attend`.
 // Host-side inputs of a Refresh or Recycled step (one fresh row: the last of the batch).
 // Refresh candidates (0) and the rest (FORCE_OUT) from the fresh row's mask: what it sees, except its own
 // cell (it is the first tail row).
@@ -537,127 +582,155 @@ void read_logits(Context & c, ggml_tensor * logits, float * out, size_t bytes) {
     std::memcpy(out, staging, bytes);
 }
 
+// Assigns the batch's cells in its stage and builds its masks (0 where a row attends to a cell) from
+// `visible(row, cell_pos)`, and the selection bias when it selects for the next stage.
 template <typename Visible>
-BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
-    PhaseClock clock{c.profile.enabled ? &c.profile : nullptr};
-    if (clock.prof) ++c.profile.batches;
+Segment prepare_segment(Context & c, const Batch & b, Visible visible) {
+    Segment sg;
+    sg.b = b;
     Stage & st = c.stages[b.stage];
     const int n = (int) b.rows.size();
     ensure_capacity(c, st, st.n_cells + n);
-    std::vector<int64_t> cells(n);
+    sg.cells.resize(n);
     for (int i = 0; i < n; ++i) {
         if (st.pos_cell[b.pos[i]] >= 0) throw Error(PLZ_ERR_RUNTIME, "internal: token computed twice at a layer");
         if (!st.cell_pos.empty() && b.pos[i] < st.cell_pos.back()) st.sorted = false;
         if (b.pos[i] != st.n_cells + i) st.identity = false;
-        cells[i] = st.n_cells + i;
+        sg.cells[i] = st.n_cells + i;
         st.pos_cell[b.pos[i]] = st.n_cells + i;
         st.cell_pos.push_back(b.pos[i]);
     }
     st.n_cells += n;
-    const int n_kv = std::min(pad_to(st.n_cells, KV_PAD), st.capacity);
+    const int n_kv = sg.n_kv = std::min(pad_to(st.n_cells, KV_PAD), st.capacity);
 
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f);
     // A recycled step attends to the recycled cache only: the stage mask would go unused, except in
     // sliding-window layers, which attend over the stage cache at every step (see build_layer).
     const bool stage_mask = !(b.kind == StepKind::Recycled && !c.rec.stage_all[b.stage]);
-    std::vector<ggml_fp16_t> mask, mask_swa;
     // Big causal batches over position-numbered cells take their mask from the GPU template.
-    int tpl_p0 = -1;
     if (c.causal_tpl && n > HOST_EMBD_MAX && b.attend_all && st.identity && c.model->hp.n_swa == 0 &&
         b.kind == StepKind::Full && n <= c.n_ubatch) {
-        tpl_p0 = b.pos[0];
+        sg.tpl_p0 = b.pos[0];
     }
-    if (stage_mask && tpl_p0 < 0) mask = build_mask(st, b, visible, n_kv, 0);
-    if (stage_has_swa(*c.model, st)) mask_swa = build_mask(st, b, visible, n_kv, c.model->hp.n_swa);
-    std::vector<float> bias;
+    if (stage_mask && sg.tpl_p0 < 0) sg.mask = build_mask(st, b, visible, n_kv, 0);
+    if (stage_has_swa(*c.model, st)) sg.mask_swa = build_mask(st, b, visible, n_kv, c.model->hp.n_swa);
     if (b.n_select > 0) {
-        bias.assign(n_kv, FORCE_OUT);
+        sg.bias.assign(n_kv, FORCE_OUT);
         for (int j = 0; j < n_kv; ++j) {
             // The last row's view: from the template rule (cells are positions) or the host mask.
-            const bool seen = tpl_p0 >= 0 ? j <= b.pos[n - 1] : mask[(size_t) (n - 1) * n_kv + j] == zero;
-            if (seen) bias[j] = 0.0f;
+            const bool seen = sg.tpl_p0 >= 0 ? j <= b.pos[n - 1] : sg.mask[(size_t) (n - 1) * n_kv + j] == zero;
+            if (seen) sg.bias[j] = 0.0f;
         }
-        bias[cells[n - 1]] = FORCE_IN;
+        sg.bias[sg.cells[n - 1]] = FORCE_IN;
     }
+    return sg;
+}
 
-    BatchResult r;
-    const bool reusable = c.graph_reuse && c.stages.size() == 1 && n == 1 && b.n_select == 0;
-    std::string key;
-    if (reusable) {
-        key = std::to_string((int) b.kind) + "/" + std::to_string(n_kv) + "/" + std::to_string(b.n_logits) + "/" +
-              std::to_string(b.want_sims) + "/" + std::to_string((int) c.rec.stage_all[b.stage]) + "/" + std::to_string(c.rec.rows);
+// Same dequantization as get_rows on the CPU backend (the type's to_float), so logits do not change.
+void set_host_embeddings(Context & c, ggml_tensor * embd, const std::vector<int32_t> & tokens) {
+    const ggml_tensor * te = c.model->tok_embd;
+    const auto * traits = ggml_get_type_traits(te->type);
+    const int n_embd = c.model->hp.n_embd;
+    std::vector<float> rows((size_t) n_embd * tokens.size());
+    for (size_t i = 0; i < tokens.size(); ++i) {
+        const char * row = (const char *) te->data + (size_t) tokens[i] * te->nb[1];
+        float * out = rows.data() + i * n_embd;
+        if (te->type == GGML_TYPE_F32) std::memcpy(out, row, sizeof(float) * n_embd);
+        else if (traits->to_float) traits->to_float(row, out, n_embd);
+        else throw Error(PLZ_ERR_RUNTIME, std::string("token_embd type ") + ggml_type_name(te->type) + " cannot be dequantized");
     }
-    const int slot = b.kind == StepKind::Refresh ? 1 : 0;
+    set_input(embd, rows.data(), sizeof(float) * rows.size());
+}
+
+void set_segment_inputs(Context & c, const Segment & sg, const Inputs & in, bool first) {
+    const Batch & b = sg.b;
+    const int n = (int) b.rows.size();
+    if (first) {
+        set_input(in.rows, b.rows.data(), sizeof(int32_t) * n);
+        if (in.embd) set_host_embeddings(c, in.embd, b.rows);
+        set_input(in.pos, b.pos.data(), sizeof(int32_t) * n);
+    }
+    set_input(in.cells, sg.cells.data(), sizeof(int64_t) * n);
+    if (!sg.mask.empty()) set_input(in.mask, sg.mask.data(), sizeof(ggml_fp16_t) * sg.mask.size());
+    set_input(in.mask_swa, sg.mask_swa.data(), sizeof(ggml_fp16_t) * sg.mask_swa.size());
+    set_input(in.score_bias, sg.bias.data(), sizeof(float) * sg.bias.size());
+    if (in.recycle_stage) set_recycle_inputs(c, b, in.rec, sg.mask, sg.n_kv, (int) sg.cells[n - 1]);
+}
+
+// A stage's refresh scores, kept until every stage has scored (RecycleState::pending).
+void keep_pending_pick(Context & c, const Segment & sg, const Graph & g) {
+    const int n = (int) sg.b.rows.size(), n_kv = sg.n_kv;
+    RecycleState::PendingPick pk;
+    pk.stage = sg.b.stage;
+    pk.n_kv = n_kv;
+    pk.own_cell = (int) sg.cells[n - 1];
+    for (const auto & l : g.refresh) pk.layers.push_back(l.il);
+    pk.kq_scale = g.refresh[0].kq_scale;
+    const ggml_fp16_t * last = sg.mask.data() + (size_t) (n - 1) * n_kv;
+    pk.mask_row.assign(last, last + n_kv);
+    pk.best.resize(n_kv);
+    ggml_backend_tensor_get(g.best, pk.best.data(), 0, sizeof(float) * n_kv);
+    c.rec.pending.push_back(std::move(pk));
+}
+
+// Runs prepared segments as one graph (reusing the cached one-token graph of the same shape) and reads
+// its outputs: logits, the cells selected for the next stage, query similarities, refresh scores.
+BatchResult run_segments(Context & c, const std::vector<Segment> & segs, float * logits_out) {
+    PhaseClock clock{c.profile.enabled ? &c.profile : nullptr};
+    if (clock.prof) ++c.profile.batches;
+    const Segment & last = segs.back();
+    bool reusable = c.graph_reuse && segs[0].b.rows.size() == 1;
+    for (const Segment & sg : segs) reusable = reusable && sg.b.n_select == 0;
+    std::vector<int> shape;
+    if (reusable) shape = graph_shape(c, segs);
+    const int slot = segs[0].b.kind == StepKind::Refresh ? 1 : 0;
     ggml_backend_sched_t sched = c.sched[slot];
     std::shared_ptr<Graph> gp;
     clock.lap(Profile::HOST_INPUTS);
-    if (reusable && c.graph_cache[slot] && key == c.graph_key[slot]) {
+    if (reusable && c.graph_cache[slot] && shape == c.graph_key[slot]) {
         gp = std::static_pointer_cast<Graph>(c.graph_cache[slot]);
     } else {
         drop_graph_slot(c, slot);
         ggml_backend_sched_reset(sched);
-        gp = std::make_shared<Graph>(build_stage_graph(c, b, n_kv, tpl_p0));
+        gp = std::make_shared<Graph>();
+        build_graph(c, segs, *gp);
         clock.lap(Profile::BUILD);
         if (!ggml_backend_sched_alloc_graph(sched, gp->gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the compute graph");
         clock.lap(Profile::ALLOC);
         if (reusable) {
             c.graph_cache[slot] = gp;
-            c.graph_key[slot] = key;
+            c.graph_key[slot] = shape;
         }
     }
     Graph & g = *gp;
-    std::vector<int64_t> cells64(cells.begin(), cells.end());
-    set_input(g.in.rows, b.rows.data(), sizeof(int32_t) * n);
-    if (g.in.embd) {
-        // Same dequantization as get_rows on the CPU backend (the type's to_float), so logits do not change.
-        const ggml_tensor * te = c.model->tok_embd;
-        const auto * traits = ggml_get_type_traits(te->type);
-        std::vector<float> embd((size_t) c.model->hp.n_embd * n);
-        for (int i = 0; i < n; ++i) {
-            const char * row = (const char *) te->data + (size_t) b.rows[i] * te->nb[1];
-            float * out = embd.data() + (size_t) i * c.model->hp.n_embd;
-            if (te->type == GGML_TYPE_F32) std::memcpy(out, row, sizeof(float) * c.model->hp.n_embd);
-            else if (traits->to_float) traits->to_float(row, out, c.model->hp.n_embd);
-            else throw Error(PLZ_ERR_RUNTIME, std::string("token_embd type ") + ggml_type_name(te->type) + " cannot be dequantized");
-        }
-        set_input(g.in.embd, embd.data(), sizeof(float) * embd.size());
-    }
-    set_input(g.in.pos, b.pos.data(), sizeof(int32_t) * n);
-    set_input(g.in.cells, cells64.data(), sizeof(int64_t) * n);
-    if (!mask.empty()) set_input(g.in.mask, mask.data(), sizeof(ggml_fp16_t) * mask.size());
-    set_input(g.in.mask_swa, mask_swa.data(), sizeof(ggml_fp16_t) * mask_swa.size());
-    set_input(g.in.score_bias, bias.data(), sizeof(float) * bias.size());
-    if (g.in.recycle_stage) set_recycle_inputs(c, b, g.in.rec, mask, n_kv, cells[n - 1]);
+    for (size_t i = 0; i < segs.size(); ++i) set_segment_inputs(c, segs[i], g.in[i], i == 0);
     clock.lap(Profile::UPLOAD);
     check_status(ggml_backend_sched_graph_compute(sched, g.gf), "graph compute");
-    if (g.gather_idx) run_cuda_gather(c, g.refresh, g.gather_idx, cells[n - 1]);
+    if (g.gather_idx) run_cuda_gather(c, g.refresh, g.gather_idx, (int) segs[0].cells.back());
     clock.lap(Profile::COMPUTE);
-    for (ggml_tensor * t : g.sims) {
-        float v = NAN;
-        if (t) ggml_backend_tensor_get(t, &v, 0, sizeof(float));
-        r.sims.push_back(v);
-    }
 
-    if (g.best) {
-        RecycleState::PendingPick pk;
-        pk.stage = b.stage;
-        pk.n_kv = n_kv;
-        pk.own_cell = (int) cells[n - 1];
-        for (const auto & l : g.refresh) pk.layers.push_back(l.il);
-        pk.kq_scale = g.refresh[0].kq_scale;
-        const ggml_fp16_t * last = mask.data() + (size_t) (n - 1) * n_kv;
-        pk.mask_row.assign(last, last + n_kv);
-        pk.best.resize(n_kv);
-        ggml_backend_tensor_get(g.best, pk.best.data(), 0, sizeof(float) * n_kv);
-        c.rec.pending.push_back(std::move(pk));
+    BatchResult r;
+    for (size_t i = 0; i < segs.size(); ++i) {
+        const int il0 = c.stages[segs[i].b.stage].il0;
+        for (size_t j = 0; j < g.sims[i].size(); ++j) {
+            float v = NAN;
+            if (g.sims[i][j]) ggml_backend_tensor_get(g.sims[i][j], &v, 0, sizeof(float));
+            r.sims.push_back({il0 + (int) j, v});
+        }
     }
+    if (g.best) keep_pending_pick(c, segs[0], g);
     if (g.selected) {
-        r.selected_cells.resize(b.n_select);
-        ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * b.n_select);
+        r.selected_cells.resize(last.b.n_select);
+        ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * last.b.n_select);
     }
-    if (g.logits) read_logits(c, g.logits, logits_out, sizeof(float) * (size_t) b.n_logits * c.model->hp.n_vocab);
+    if (g.logits) read_logits(c, g.logits, logits_out, sizeof(float) * (size_t) last.b.n_logits * c.model->hp.n_vocab);
     clock.lap(Profile::OUTPUTS);
     return r;
+}
+
+template <typename Visible>
+BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
+    return run_segments(c, {prepare_segment(c, b, visible)}, logits_out);
 }
 
 // How many of `n_total` tokens a stage with keep ratio `keep` holds: ceil(keep * n) with the product
@@ -680,6 +753,12 @@ void prefill_lazy(Context & c, const int32_t * tokens, int n, float * logits_out
     std::vector<int32_t> alive(n);
     for (int i = 0; i < n; ++i) alive[i] = i;
     const int S = (int) c.stages.size();
+    // A later stage holds what this prompt keeps there plus room for the answer (grown when decoding or
+    // revival needs more), so the KV memory after a lazy prefill follows the pruning.
+    for (int s = 1; s < S; ++s) {
+        const int want = std::min(pad_to(keep_count(c.stages[s].keep, n) + KV_PAD, KV_PAD), pad_to(c.n_ctx, KV_PAD));
+        if (c.stages[s].capacity != want) alloc_stage(c, c.stages[s], want);
+    }
     for (int s = 0; s < S; ++s) {
         const int n_alive = (int) alive.size();
         std::vector<int32_t> next;
@@ -701,14 +780,9 @@ void prefill_lazy(Context & c, const int32_t * tokens, int n, float * logits_out
             alive = next;
         }
     }
+    c.select_pos = n;
 }
 
-// Tokens after the prompt: each chunk of fresh tokens runs through every stage. In stage s > 0 the
-// tokens selected at the previous boundary that were never computed there are revived first (from
-// aux[s], attending causally to the stage's cells); fresh rows then attend only to the selected set
-// and to each other. The last fresh row selects the next stage's set. A Recycled step selects and
-// revives nothing: where a stage keeps everything it attends as at the last refresh (selected set +
-// tokens since), elsewhere to the recycled cache.
 // The deferred refresh picks (RecycleState::pending): a token's best score over every stage's layers,
 // then per stage one graph that recomputes the stage's scores from the queries the refresh stored
 // (rq) and its cache, adds share x that best score and gathers as build_refresh_gather does. The
@@ -765,14 +839,61 @@ void refresh_picks(Context & c) {
     r.pending.clear();
 }
 
-void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out,
-          StepKind kind = StepKind::Full, float * sims = nullptr) {
+// What a fresh row of stage s > 0 attends to, by position: the tokens selected into the stage and every
+// token from `fresh_from` on (the rows of this step, and those decoded since the selection was made).
+std::vector<char> attended_positions(const Stage & st, int n_total) {
+    std::vector<char> in_attend(n_total, 0);
+    for (int32_t p : st.selected) in_attend[p] = 1;
+    return in_attend;
+}
+
+void put_sims(const Context & c, const Stage & st, const BatchResult & r, float * sims) {
+    if (!sims) return;
+    for (int il = st.il0; il < st.il1; ++il) sims[il] = NAN;  // stage that attends fully: no check
+    for (const auto & [il, v] : r.sims) sims[il] = v;
+}
+
+// A step that selects nothing (one-token decode between selections, or no lazy stages): the rows go
+// through every stage in one graph, each stage attending as the last selection said. Decode after a lazy
+// prefill thus costs one graph per token, reused from step to step, like full attention; the selection
+// and its revivals happen only at the steps the caller marks (step_with_selection).
+void step_through_stages(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out,
+                         StepKind kind, float * sims) {
     const int S = (int) c.stages.size();
-    const int p0 = c.n_past;
-    const int n_total = p0 + n;
-    const bool recycled = kind == StepKind::Recycled;
-    const int fresh_from = recycled ? c.rec.refresh_pos : p0;   // cells at or after it are seen by fresh rows
-    std::vector<char> in_attend;  // by position: attended by fresh rows of the current stage
+    const int p0 = c.n_past, n_total = p0 + n;
+    std::vector<Segment> segs;
+    std::vector<std::vector<char>> in_attend(S);
+    for (int s = 0; s < S; ++s) {
+        Batch b;
+        b.stage = s;
+        b.attend_all = s == 0;
+        b.kind = kind;
+        b.want_sims = sims != nullptr;
+        for (int i = 0; i < n; ++i) b.pos.push_back(p0 + i);
+        b.rows = s == 0 ? std::vector<int32_t>(tokens, tokens + n) : b.pos;
+        if (s + 1 == S) b.n_logits = all_logits ? n : 1;
+        if (s > 0) in_attend[s] = attended_positions(c.stages[s], n_total);
+        const std::vector<char> & seen = in_attend[s];
+        const int fresh_from = c.select_pos;
+        segs.push_back(prepare_segment(c, b, [&](int, int cell_pos) {
+            return s == 0 || cell_pos >= fresh_from || seen[cell_pos] != 0;
+        }));
+    }
+    const BatchResult r = run_segments(c, segs, logits_out);
+    for (const Stage & st : c.stages) put_sims(c, st, r, sims);
+}
+
+// A step stage by stage (the LazyLLM step): in stage s > 0 the tokens selected at the previous boundary
+// that were never computed there are revived first (from aux[s], attending causally to the stage's
+// cells); fresh rows then attend only to the selected set and to each other; the last fresh row selects
+// the next stage's set. With select false (a refresh of recycled attention between selections) nothing
+// is selected or revived and stages attend as the last selection said; refresh steps still run stage by
+// stage, since each stage scores its own cells.
+void step_with_selection(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out,
+                         StepKind kind, bool select, float * sims) {
+    const int S = (int) c.stages.size();
+    const int p0 = c.n_past, n_total = p0 + n;
+    const int fresh_from = select ? p0 : c.select_pos;
     c.rec.pending.clear();
     for (int s = 0; s < S; ++s) {
         Stage & st = c.stages[s];
@@ -782,23 +903,21 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
         b.kind = kind;
         b.want_sims = sims != nullptr;
         int n_revive = 0;
-        if (s > 0) {
-            for (int32_t p : st.selected) {
-                if (!recycled && p < p0 && st.pos_cell[p] < 0) {
-                    b.pos.push_back(p);
-                    ++n_revive;
-                }
+        for (int32_t p : s > 0 && select ? st.selected : std::vector<int32_t>{}) {
+            if (p < p0 && st.pos_cell[p] < 0) {
+                b.pos.push_back(p);
+                ++n_revive;
             }
-            in_attend.assign(n_total, 0);
-            for (int32_t p : st.selected) in_attend[p] = 1;
         }
+        const std::vector<char> in_attend = s > 0 ? attended_positions(st, n_total) : std::vector<char>{};
         for (int i = 0; i < n; ++i) b.pos.push_back(p0 + i);
         b.rows = s == 0 ? std::vector<int32_t>(tokens, tokens + n) : b.pos;
-        // What the last fresh row sees besides the fresh rows: earlier cells (stage 0) or the selected set.
-        const int n_seen = s == 0 ? st.n_cells : (int) st.selected.size();
+        // What the last fresh row sees besides the fresh rows: earlier cells (stage 0), or the selected set
+        // and the tokens since the selection.
+        const int n_seen = s == 0 ? st.n_cells : (int) st.selected.size() + (p0 - fresh_from);
         if (kind == StepKind::Refresh) c.rec.stage_all[s] = n_seen <= c.rec.k;
         if (s + 1 < S) {
-            if (!recycled) b.n_select = std::min(keep_count(c.stages[s + 1].keep, n_total), n_seen + n);
+            if (select) b.n_select = std::min(keep_count(c.stages[s + 1].keep, n_total), n_seen + n);
         } else {
             b.n_logits = all_logits ? n : 1;
         }
@@ -808,18 +927,30 @@ void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * l
         };
         BatchResult r = run_batch(c, b, visible, logits_out);
         st.revived += n_revive;
-        if (sims) {
-            for (int il = st.il0; il < st.il1; ++il) sims[il] = NAN;  // stage that attends fully: no check
-            for (size_t i = 0; i < r.sims.size(); ++i) sims[st.il0 + i] = r.sims[i];
-        }
-        if (s + 1 < S && !recycled) {
+        put_sims(c, st, r, sims);
+        if (s + 1 < S && select) {
             std::vector<int32_t> sel = cells_to_sorted_positions(st, r.selected_cells);
             // Fresh tokens always go on; the selection decides among the older ones.
             sel.erase(std::remove_if(sel.begin(), sel.end(), [&](int32_t p) { return p >= p0; }), sel.end());
             c.stages[s + 1].selected = sel;
         }
     }
+    if (select) c.select_pos = p0;
     if (!c.rec.pending.empty()) refresh_picks(c);
+}
+
+// Tokens after the prompt. `select` (lazy stages only): the step re-selects at every boundary and
+// revives what it selects (eval() of tokens after a lazy prefill always does; decode() when asked).
+// Otherwise the stages keep the last selection and the step runs as one graph, except refreshes of
+// recycled attention. A Recycled step never selects.
+void step(Context & c, const int32_t * tokens, int n, bool all_logits, float * logits_out,
+          StepKind kind = StepKind::Full, bool select = true, float * sims = nullptr) {
+    select = select && kind != StepKind::Recycled && c.stages.size() > 1;
+    if (select || kind == StepKind::Refresh) {
+        step_with_selection(c, tokens, n, all_logits, logits_out, kind, select, sims);
+    } else {
+        step_through_stages(c, tokens, n, all_logits, logits_out, kind, sims);
+    }
 }
 
 }  // namespace
@@ -845,9 +976,9 @@ static void configure_stages(Context & c, const std::vector<int> & layers, const
         c.stages.push_back(std::move(s));
     }
     for (auto & s : c.stages) {
-        // A later stage starts with room for its share of a full context; decode and revival grow it.
+        // Stage 0 holds every token; a later stage is sized by each lazy prefill (prefill_lazy).
         clear_stage_state(c, s);
-        alloc_stage(c, s, std::min(pad_to(keep_count(s.keep, c.n_ctx), KV_PAD), pad_to(c.n_ctx, KV_PAD)));
+        alloc_stage(c, s, &s == &c.stages[0] ? pad_to(c.n_ctx, KV_PAD) : std::min(KV_PAD, pad_to(c.n_ctx, KV_PAD)));
     }
     if (c.buf_aux) ggml_backend_buffer_free(c.buf_aux);
     if (c.ctx_aux) ggml_free(c.ctx_aux);
@@ -944,6 +1075,7 @@ void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<fl
 void reset(Context * c) {
     drop_graph_cache(*c);
     c->n_past = 0;
+    c->select_pos = 0;
     for (auto & s : c->stages) clear_stage_state(*c, s);
     c->rec.valid = false;
     c->rec.n_tail = 0;
@@ -968,7 +1100,7 @@ void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool
     c->rec.stage_all.assign(c->stages.size(), 0);
 }
 
-StepKind decode(Context * c, int32_t token, StepKind kind, float * logits_out, float * sims) {
+StepKind decode(Context * c, int32_t token, StepKind kind, bool select, float * logits_out, float * sims) {
     RecycleState & r = c->rec;
     if (r.mode == 0) kind = StepKind::Full;
     else if (kind == StepKind::Full) kind = StepKind::Refresh;   // with a recycled cache, a full step refills it
@@ -977,7 +1109,7 @@ StepKind decode(Context * c, int32_t token, StepKind kind, float * logits_out, f
     if (c->n_past + 1 > c->n_ctx) throw Error(PLZ_ERR_CONTEXT, "the context window of " + std::to_string(c->n_ctx) + " is full");
     if (token < 0 || token >= c->model->hp.n_vocab) throw Error(PLZ_ERR_ARG, "token id outside the vocabulary");
     try {
-        step(*c, &token, 1, false, logits_out, kind, sims);
+        step(*c, &token, 1, false, logits_out, kind, select, sims);
     } catch (...) {
         reset(c);
         throw;

@@ -69,7 +69,7 @@ struct Context {
     // reallocated.
     ggml_backend_sched_t sched[2] = {nullptr, nullptr};
     std::shared_ptr<void> graph_cache[2];
-    std::string graph_key[2];
+    std::vector<int> graph_key[2];      // the shape the cached graph was built for (graph_shape)
     bool cuda_gather = false;           // refresh rows copied by native/gather_cuda.cu (CUDA builds, PYLAZY_CUDA_GATHER != 0)
     bool graph_reuse = true;            // PYLAZY_GRAPH_REUSE=0 rebuilds every graph (tests compare the two)
     std::vector<uint8_t> graph_meta;    // memory for graph-building ggml contexts
@@ -100,6 +100,9 @@ struct Context {
     ggml_backend_buffer_t logits_host = nullptr;
 
     int n_past = 0;
+    // Lazy stages: position of the step that made the current selections (Stage::selected). Fresh rows of
+    // a later stage attend to the selected tokens and to every token at or after this position.
+    int select_pos = 0;
 
     ~Context();
 };
@@ -129,11 +132,13 @@ void truncate(Context * c, int n);
 // head, tail_cap tokens decoded between refreshes (the stride).
 void set_recycle(Context * c, int mode, int k, int tail_cap, int sinks, int pool, float share);
 
-// One decoded token under the stride policy's choice. Full: plain attention. Refresh: full attention
+// One decoded token under the stride policy's choice. select (lazy stages): re-select at every stage
+// boundary and revive the selected tokens (the LazyLLM step); otherwise every stage attends to its last
+// selection plus the tokens since, in one graph. A Recycled step never selects. Full: plain attention. Refresh: full attention
 // that also refills the recycled cache. Recycled: attention over the recycled cache only (a Refresh is
 // run instead when there is no valid recycled cache or its tail is full). With sims (n_layer floats),
 // a recycled step returns per layer the cosine similarity of its query with the last refresh's.
 // Returns the kind actually run.
-StepKind decode(Context * c, int32_t token, StepKind kind, float * logits_out, float * sims);
+StepKind decode(Context * c, int32_t token, StepKind kind, bool select, float * logits_out, float * sims);
 
 }  // namespace plz

@@ -88,8 +88,12 @@ PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t
 
 #define PLZ_STEP_FULL      0
 #define PLZ_STEP_RECYCLED  1
+#define PLZ_STEP_SELECT    2
 // Decodes one token as the stride policy says (FULL refreshes the recycled cache when recycling is on;
-// RECYCLED falls back to FULL when there is no valid cache or its tail is full). logits: n_vocab floats.
+// RECYCLED falls back to FULL when there is no valid cache or its tail is full). After a lazy prefill,
+// FULL and RECYCLED steps keep each stage's selection (plus the tokens since); SELECT is a FULL step
+// that also re-selects at every stage boundary and revives the selected tokens (LazyLLM's decode step).
+// Without lazy stages SELECT is FULL. kind_run: FULL or RECYCLED. logits: n_vocab floats.
 // sims (n_layer floats, may be null): per layer cosine(query, query of the last refresh) on recycled
 // steps, NaN where not computed. kind_run: what ran (may be null).
 PLZ_API int  plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run);

@@ -17,6 +17,7 @@ PLZ_ERR_RUNTIME = -4
 
 PLZ_STEP_FULL = 0
 PLZ_STEP_RECYCLED = 1
+PLZ_STEP_SELECT = 2
 
 
 class ModelParams(ctypes.Structure):

@@ -207,13 +207,16 @@ class Context(_Owned):
         self.recycle_mode = int(mode)
         self._recycle_k = int(k)
 
-    def decode(self, token: int, recycled: bool = False, similarity: bool = False):
+    def decode(self, token: int, recycled: bool = False, similarity: bool = False, select: bool = False):
         """One token as the stride policy says. Returns (logits [n_vocab], ran_recycled, sims or None),
-        sims: per-layer cosine similarity of the query with the last refresh's (NaN where not computed)."""
+        sims: per-layer cosine similarity of the query with the last refresh's (NaN where not computed).
+        select (after a lazy prefill, full steps only): re-select and revive at every stage boundary;
+        otherwise each stage attends to its last selection plus the tokens since."""
         logits = np.empty(self.n_vocab, dtype=np.float32)
         sims = np.full(self.model.info.n_layer, np.nan, dtype=np.float32) if similarity else None
         ran = ctypes.c_int32()
-        code = N.lib.plz_decode(self.handle, int(token), N.PLZ_STEP_RECYCLED if recycled else N.PLZ_STEP_FULL,
+        kind = N.PLZ_STEP_RECYCLED if recycled else (N.PLZ_STEP_SELECT if select else N.PLZ_STEP_FULL)
+        code = N.lib.plz_decode(self.handle, int(token), kind,
                                 _f32p(logits), _f32p(sims) if sims is not None else None, ctypes.byref(ran))
         _raise_for(code, "decode")
         return logits, ran.value == N.PLZ_STEP_RECYCLED, sims

@@ -39,7 +39,8 @@ import numpy as np
 from .engine import Context, Model
 from .errors import ModelLoadError, PylazyError
 from .models import resolve_model_path
-from .policy import LazyPrefill, Recycle, Step, StreamingWindow, make_stride_policy, snap_to_global_layers
+from .policy import (LazyPrefill, Recycle, ReselectSchedule, Step, StreamingWindow, make_stride_policy,
+                     snap_to_global_layers)
 from .sampling import Sampler, SamplingParams, StopMatcher, log_softmax
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
@@ -136,6 +137,16 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def _request_times(t0: float, t_first: Optional[float], t_end: float, n_generated: int) -> Dict[str, Any]:
+    """TTFT (prompt to the first token drawn) and the decode rate after it: the first token comes
+    from the prefill's logits, each later one from a decode step."""
+    if t_first is None:
+        return {"ttft_s": None, "decode_tok_s": None}
+    steps = n_generated - 1
+    return {"ttft_s": t_first - t0,
+            "decode_tok_s": steps / (t_end - t_first) if steps > 0 and t_end > t_first else None}
 
 
 class Llama:
@@ -355,6 +366,7 @@ class Llama:
         if n_prompt_before == 0:
             self._prefill_stats = self._ctx.layer_stats()
             self._prefill_tokens = len(tokens)
+            self._reselect_every = lazy.reselect if pruning and lazy is not None else 0
         logits = np.concatenate(rows) if all_logits else rows[-1]
         self._last_logits = logits[-1].copy()
         return logits
@@ -373,14 +385,15 @@ class Llama:
         self._recycle_start = self._ctx.recycle_stats()
         self._similarities: List[float] = []
 
-    def _decode_step(self, token: int, step: Step) -> np.ndarray:
+    def _decode_step(self, token: int, step: Step, select: bool = False) -> np.ndarray:
         """Evaluate one generated token as the stride policy's ``step`` says; its logits.
 
         A recycled step also returns the per-layer query similarity when the policy asked
         for it; its mean over the layers where it was computed goes to the policy.
+        select: after a lazy prefill, re-select at the pruning layers (LazyPrefill.reselect).
         """
         logits, ran_recycled, sims = self._ctx.decode(token, recycled=step.kind == "recycled",
-                                                      similarity=step.check_similarity)
+                                                      similarity=step.check_similarity, select=select)
         self._last_similarity = None
         if ran_recycled and sims is not None and np.isfinite(sims).any():
             self._last_similarity = float(np.nanmean(sims))
@@ -461,6 +474,7 @@ class Llama:
         policy = make_stride_policy(recycle)
         policy.reset()
         self._configure_recycle(recycle)
+        reselect = ReselectSchedule(getattr(self, "_reselect_every", 0) if self._ctx.lazy_schedule else 0)
         while True:
             token = sampler.sample(logits, history, n_prompt)
             if stopping_criteria is not None and stopping_criteria(self.input_ids, logits.copy()):
@@ -468,7 +482,7 @@ class Llama:
             yield token, logits
             history.append(token)
             step = policy.next_step()
-            logits = self._decode_step(token, step)
+            logits = self._decode_step(token, step, reselect.select(step.kind == "full"))
             if step.check_similarity:
                 policy.observe(self._last_similarity)
 
@@ -736,8 +750,11 @@ class Llama:
         history = list(job.prompt_tokens)
         tokens = self._tokens(rows[-1], history, len(job.prompt_tokens), job.sampler,
                               job.recycle, job.stopping_criteria)
+        t_first = None
         try:
             for token, logits in tokens:
+                if t_first is None:
+                    t_first = time.perf_counter()
                 if self._is_eog(token):
                     break
                 completion.append(token)
@@ -771,7 +788,7 @@ class Llama:
             tokens.close()
             t2 = time.perf_counter()
             stats.update(decode_s=t2 - t1, generated_tokens=len(completion), finish_reason=finish,
-                         total_s=t2 - t0)
+                         total_s=t2 - t0, **_request_times(t0, t_first, t2, len(completion)))
             stats.update(self._engine_stats())
             if self.verbose:
                 print(f"pylazy: prompt {stats['prompt_tokens']} tok ({stats['reused_tokens']} reused) "

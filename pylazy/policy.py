@@ -56,14 +56,24 @@ class LazyPrefill:
         the paper's plain top-k; in [0, 64]. Default 8: measured on SmolLM2 needles
         (docs/eval/README.md), the default schedule keeps 27 % accuracy with pool=0 and 54 %
         with pool=8, against 52 % for full attention, at the same 63 % of token-layers.
+    reselect: during decode, every ``reselect``-th full step re-selects at each pruning
+        layer with the new token's attention and revives what it selects from the aux cache
+        (LazyLLM's decode step; 1 = every step, as the paper). Between re-selections every
+        stage attends to its last selection plus the tokens generated since, in one graph
+        per token. With ``recycle=`` a due re-selection waits for the next refresh step.
+        0 (default): the prompt's selection holds for the whole answer. A re-selection at 8K
+        revives ~1 000 token-stages and costs about 30 decode steps on a 2-core CPU, which is
+        why it is not done every step by default (docs/bench-cpu.md, "whole request").
     """
 
     layers: Optional[Tuple[LayerSpec, ...]] = None
     keep: Optional[Tuple[float, ...]] = None
     pool: int = 8
+    reselect: int = 0
 
     def __post_init__(self) -> None:
         _check_pool(self.pool)
+        _check_int("reselect", self.reselect, 0)
         layers, keep = self.layers, self.keep
         if layers is None and keep is None:
             layers, keep = _DEFAULT_LAYERS, _DEFAULT_KEEP
@@ -372,6 +382,23 @@ class SinkWindowStride:
 
     def __repr__(self) -> str:
         return "SinkWindowStride()"
+
+
+class ReselectSchedule:
+    """When a decode step after a lazy prefill re-selects (LazyPrefill.reselect): at the first full
+    step once ``every`` steps have passed since the prefill or the last re-selection."""
+
+    def __init__(self, every: int):
+        _check_int("reselect", every, 0)
+        self.every = every
+        self._since = 0
+
+    def select(self, full_step: bool) -> bool:
+        self._since += 1
+        if self.every and full_step and self._since >= self.every:
+            self._since = 0
+            return True
+        return False
 
 
 def make_stride_policy(recycle: Union[None, Recycle, StreamingWindow]) -> StridePolicy:

@@ -111,8 +111,9 @@ def _linear(x: np.ndarray, hp: dict, w: dict, name: str, ggml_rounding: bool) ->
     return y if bias is None else y + bias
 
 
-def attention(q, k, v, q_pos, k_pos, *, ggml_rounding: bool = False):
-    """Causal GQA attention: query row i sees key j iff k_pos[j] <= q_pos[i].
+def attention(q, k, v, q_pos, k_pos, *, ggml_rounding: bool = False, visible=None):
+    """Causal GQA attention: query row i sees key j iff k_pos[j] <= q_pos[i] (and visible[i, j]
+    when given: a lazy stage's rows see only the tokens selected into it).
 
     q [n_q, n_head, d], k/v [n_k, n_head_kv, d]. Returns (out [n_q, n_head*d],
     probs [n_head, n_q, n_k]; probs unrounded even with ggml_rounding)."""
@@ -125,8 +126,10 @@ def attention(q, k, v, q_pos, k_pos, *, ggml_rounding: bool = False):
     vh = np.repeat(np.transpose(v, (1, 0, 2)), group, axis=0)
     qh = np.transpose(q, (1, 0, 2))                               # [n_head, n_q, d]
     scores = qh @ np.transpose(kh, (0, 2, 1)) / math.sqrt(d)      # [n_head, n_q, n_k]
-    visible = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]
-    scores = np.where(visible[None], scores, -np.inf)
+    causal = np.asarray(k_pos)[None, :] <= np.asarray(q_pos)[:, None]
+    if visible is not None:
+        causal = causal & np.asarray(visible, dtype=bool)
+    scores = np.where(causal[None], scores, -np.inf)
     probs = softmax(scores, axis=-1)
     out = (_f16(probs) if ggml_rounding else probs) @ vh          # [n_head, n_q, d]
     return np.transpose(out, (1, 0, 2)).reshape(n_q, n_head * d), probs
@@ -151,14 +154,15 @@ def qkv(hp: dict, w: dict, il: int, h_in: np.ndarray, positions, *, ggml_roundin
 
 
 def layer_forward(hp, w, il, h_in, positions, k_cache=None, v_cache=None, cache_positions=None,
-                  *, return_internals=False, ggml_rounding=False):
+                  *, return_internals=False, ggml_rounding=False, visible=None):
     """Run layer il for query rows h_in [n_q, n_embd] at `positions`.
 
     The rows attend (causally, by position) to the given K/V cache — the other tokens they
     may see, K after RoPE, [n_c, n_head_kv, head_dim] at `cache_positions` — plus their own
     K/V, which this computes and appends after the cache. The cache must not already hold
     the query rows' positions (that would count a token twice); this raises if it does.
-    Cache entries at positions beyond a row are masked for it, as in llama.cpp.
+    Cache entries at positions beyond a row are masked for it, as in llama.cpp. visible
+    [n_q, n_c + n_q] (optional) masks more: row i sees key j only where it is true.
 
     Returns (h_out [n_q, n_embd], k_new, v_new) — k_new/v_new [n_q, n_head_kv, head_dim]
     are the rows' own K (after RoPE) and V at this layer, i.e. what an engine must store
@@ -177,7 +181,7 @@ def layer_forward(hp, w, il, h_in, positions, k_cache=None, v_cache=None, cache_
         k_all = np.concatenate([np.asarray(k_cache, dtype=np.float64), k_new], axis=0)
         v_all = np.concatenate([np.asarray(v_cache, dtype=np.float64), v_new], axis=0)
         key_pos = np.concatenate([cache_positions, positions])
-    attn, probs = attention(q, k_all, v_all, positions, key_pos, ggml_rounding=ggml_rounding)
+    attn, probs = attention(q, k_all, v_all, positions, key_pos, ggml_rounding=ggml_rounding, visible=visible)
 
     p = f"blk.{il}."
     h = h_in + _linear(attn, hp, w, p + "attn_output", ggml_rounding)
