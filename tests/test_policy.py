@@ -16,7 +16,7 @@ def test_lazy_prefill_default_and_equality():
     d = LazyPrefill()
     assert d == LazyPrefill(layers=[0.25, 0.5, 0.75], keep=[0.6, 0.4, 0.25])
     assert d.layers == (0.25, 0.5, 0.75) and d.keep == (0.6, 0.4, 0.25)
-    assert repr(d) == "LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25), pool=8)"
+    assert repr(d) == "LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25), pool=8, reselect=0)"
     assert hash(d) == hash(LazyPrefill())
     assert d != LazyPrefill(layers=[0.25], keep=[0.7])
 
@@ -173,3 +173,19 @@ def test_snap_to_global_layers():
     assert snap_to_global_layers(sched, gemma) == [(5, 0.6), (11, 0.25)]   # 8 and 13 merge at 11
     assert snap_to_global_layers(sched, [False] * 18) == sched
     assert snap_to_global_layers(sched, [True] * 18) == []
+
+
+def test_lazy_reselect_values_and_schedule():
+    from pylazy.policy import ReselectSchedule
+    assert LazyPrefill().reselect == 0 and LazyPrefill(reselect=4).reselect == 4
+    for bad, exc in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc):
+            LazyPrefill(reselect=bad)
+    never = ReselectSchedule(0)
+    assert [never.select(True) for _ in range(10)] == [False] * 10
+    every3 = ReselectSchedule(3)
+    assert [every3.select(True) for _ in range(7)] == [False, False, True, False, False, True, False]
+    # with recycling a due re-selection waits for the next full (refresh) step
+    rec = ReselectSchedule(3)
+    assert [rec.select(full) for full in (True, False, False, False, True, False)] == \
+        [False, False, False, False, True, False]
