@@ -39,7 +39,8 @@ PREFILL_LENGTHS = (512, 2048, 8000)
 DECODE_DEPTHS = (0, 2048, 8000)
 TTFT_LENGTHS = (2048, 4096, 8000)
 QUICK_LENGTHS = (256, 512)
-ROWS = ("prefill", "decode", "ttft")
+ROWS = ("prefill", "decode", "ttft", "request")
+DEFAULT_ROWS = ("prefill", "decode", "ttft")
 LONG_ROW = 4096          # rows at least this long run once unless --repeat says otherwise
 SHORT_REPEAT = 3
 N_UBATCH = 512
@@ -377,6 +378,9 @@ def markdown(result: dict) -> str:
                          f"{r['speedup']:.2f}", f"{r['computed_fraction']:.3f}",
                          f"{r['kv_bytes_full'] / 2 ** 20:.1f}", f"{r['kv_bytes_lazy'] / 2 ** 20:.1f}",
                          str(r["runs"])] for r in result["ttft"]])]
+    if result.get("request"):
+        from .bench_request import request_table
+        out.append(request_table(result["request"], *result["meta"]["request"]))
     out.append("")
     return "\n".join(out)
 
@@ -390,6 +394,16 @@ def _ints(text: str, flag: str) -> List[int]:
     if not values or min(values) < 0:
         raise argparse.ArgumentTypeError(f"{flag}: non-negative integers expected, got {text!r}")
     return values
+
+
+def _request_size(text: str) -> Tuple[int, int]:
+    try:
+        n, g = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--request wants N:G (prompt and generated tokens), got {text!r}") from None
+    if n < 64 or g < 2:
+        raise argparse.ArgumentTypeError(f"--request: N >= 64 and G >= 2, got {text!r}")
+    return n, g
 
 
 def _floats(text: str) -> List[float]:
@@ -434,6 +448,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         need = max(need, *ttft)
     if "decode" in rows:
         need = max(need, max(depths) + args.decode_steps + 1)
+    if "request" in rows:
+        need = max(need, sum(args.request))
     n_ctx = args.n_ctx or -(-need // CTX_ALIGN) * CTX_ALIGN
     if need > n_ctx:
         raise ValueError(f"--n-ctx {n_ctx} is too small: the rows need {need} tokens")
@@ -455,11 +471,11 @@ def run_bench(args: argparse.Namespace) -> dict:
     try:
         for _, lazy in plan.lazies:
             lazy.resolve(eng.n_layer)   # a bad layer fails before any timing
-        n_tokens = max(plan.prefill + plan.ttft + [d + args.decode_steps + 1 for d in plan.depths])
+        n_tokens = max(plan.prefill + plan.ttft + [d + args.decode_steps + 1 for d in plan.depths] + [args.request[0]])
         tokens = bench_tokens(eng.tokenize, n_tokens)
         eng.warm_up(tokens[:min(256, plan.n_ctx - 8)], [lz.resolve(eng.n_layer) for _, lz in plan.lazies])
         n_ticks = (("prefill" in plan.rows) * len(plan.prefill) + ("decode" in plan.rows) * len(plan.depths)
-                   + ("ttft" in plan.rows) * len(plan.ttft) * (1 + len(plan.lazies)))
+                   + ("ttft" in plan.rows) * len(plan.ttft) * (1 + len(plan.lazies)) + ("request" in plan.rows) * 5)
         bar = tqdm(total=n_ticks, desc="bench", unit="row", file=sys.stderr, disable=args.no_progress)
 
         started = [0]
@@ -481,6 +497,10 @@ def run_bench(args: argparse.Namespace) -> dict:
             eng.ctx.set_recycle(0)
         if "ttft" in plan.rows:
             result["ttft"] = ttft_rows(eng, tokens, plan.ttft, plan.lazies, repeat, tick)
+        if "request" in plan.rows:
+            from .bench_request import request_rows
+            result["request"] = request_rows(path, tokens[:args.request[0]], args.request[1], args.threads,
+                                             plan.n_ctx, tick)
         bar.update(bar.total - bar.n)
         bar.close()
     finally:
@@ -490,7 +510,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "threads": args.threads, "model": path, "model_bytes": os.path.getsize(path),
         "pylazy_version": __version__, "llama_cpp_version": llama_cpp.__version__,
         "n_ctx": plan.n_ctx, "n_ubatch": N_UBATCH, "flash_attn_llama_cpp": True,
-        "repeat": repeat, "decode_steps": args.decode_steps,
+        "repeat": repeat, "decode_steps": args.decode_steps, "request": list(args.request),
         "tokens": {"source": "repo text " + " ".join(TEXT_SOURCES) + f", paragraphs shuffled (seed {TEXT_SEED})",
                    "n": n_tokens, "sha256_16": _tokens_digest(tokens)},
         "load_start": load_start, "load_end": _load(),
@@ -524,7 +544,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     p.add_argument("--n-ctx", type=int, default=0,
                    help=f"context for both engines (default: what the rows need, rounded up to {CTX_ALIGN})")
-    p.add_argument("--rows", default=",".join(ROWS), help=f"tables to run, from {','.join(ROWS)} (default all)")
+    p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
+                   help=f"tables to run, from {','.join(ROWS)} (default {','.join(DEFAULT_ROWS)})")
+    p.add_argument("--request", type=_request_size, default=(8000, 128), metavar="N:G",
+                   help="the request row: an N-token prompt + G generated tokens, llama-cpp-python and pylazy "
+                        "full/lazy/recycled/both, TTFT, decode rate, total (default 8000:128)")
     p.add_argument("--lengths", type=lambda s: _ints(s, "--lengths"), default=None,
                    help=f"prompt lengths for prefill and ttft (default {PREFILL_LENGTHS} and {TTFT_LENGTHS})")
     p.add_argument("--depths", type=lambda s: _ints(s, "--depths"), default=None,
