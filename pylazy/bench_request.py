@@ -54,8 +54,10 @@ def _row(name: str, timed: Dict[str, object], n_gen: int, extra: Optional[dict] 
 
 
 def request_rows(model_path: str, tokens: Sequence[int], n_gen: int, threads: int, n_ctx: int,
-                 tick: Callable[[str], None] = lambda label: None) -> List[dict]:
-    """The llama-cpp-python row first, then pylazy's; ratios are total-time speedups over llama-cpp-python."""
+                 tick: Callable[[str], None] = lambda label: None, llama_kwargs: Optional[dict] = None,
+                 pylazy_kwargs: Optional[dict] = None) -> List[dict]:
+    """The llama-cpp-python row first, then pylazy's; ratios are total-time speedups over llama-cpp-python.
+    llama_kwargs / pylazy_kwargs: more constructor arguments (GPU: n_gpu_layers, flash_attn)."""
     from llama_cpp._utils import suppress_stdout_stderr
 
     from .llama import Llama
@@ -64,7 +66,8 @@ def request_rows(model_path: str, tokens: Sequence[int], n_gen: int, threads: in
     prompt = list(tokens)
     rows: List[dict] = []
     with suppress_stdout_stderr(disable=False):
-        ref = reference_llama(model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+        ref = reference_llama(model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                              **(llama_kwargs or {}))
     try:
         mask = _no_eos(ref.token_eos())
         ref.create_completion(prompt[:64], max_tokens=4, temperature=0)   # warm-up
@@ -75,7 +78,7 @@ def request_rows(model_path: str, tokens: Sequence[int], n_gen: int, threads: in
         rows.append(_row("llama-cpp-python", timed, n_gen))
     finally:
         ref.close()
-    llm = Llama(model_path, n_ctx=n_ctx, n_threads=threads, verbose=False)
+    llm = Llama(model_path, n_ctx=n_ctx, n_threads=threads, verbose=False, **(pylazy_kwargs or {}))
     try:
         mask = _no_eos(llm.token_eos())
         llm.create_completion(prompt[:64], max_tokens=4, temperature=0)   # warm-up

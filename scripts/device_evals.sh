@@ -26,6 +26,7 @@ declare -A P=(
   [rec_k4_s16]='lambda L: {"recycle": Recycle(k=L // 4, stride=16)}'
   [rec_dyn09]='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
   [stream]='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
+  [lazy_r16]='{"lazy": LazyPrefill(reselect=16)}'
   [lazy_rec]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec_share0]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
 )
@@ -35,6 +36,9 @@ case ${SET:-} in
   lazy) names="full lazy_default lazy_30_20_10 lazy_25_15_10 lazy_20_10_05" lengths=(4096 7936) ppl=0 ;;
   # both methods in one call (lazy prefill, then recycled decode over the lazy stages)
   combo) names="full lazy_default rec_s16 lazy_rec lazy_rec_share0" lengths=(4096 7936) ppl=0 ;;
+  # the whole request (issue 17): lazy decode keeps the prompt's selection (reselect=0, the default);
+  # lazy_r16 re-selects every 16 steps, lazy_rec both methods, StreamingLLM at the same budget beside them
+  request) names="full lazy_default lazy_r16 rec_s16 lazy_rec stream" lengths=(4096 7936) ppl=0 ;;
   *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
 esac
 args=()

@@ -36,6 +36,7 @@ import llama_cpp  # noqa: E402
 
 import pylazy  # noqa: E402
 from pylazy.engine import Context, Model  # noqa: E402
+from pylazy.bench_request import request_rows, request_table  # noqa: E402
 from pylazy.llama_ref import reference_llama  # noqa: E402
 
 
@@ -119,6 +120,22 @@ def recycle_gather_parity(m, args, depth=6000, steps=40, lazy=False) -> dict:
             "identical": bool(np.array_equal(kernel, plain))}
 
 
+def request_bench(args) -> list:
+    """The whole-request rows (pylazy/bench_request.py) on the GPU: flash attention on for llama.cpp."""
+    out = []
+    for spec in [x for x in args.request.split(",") if x]:
+        n, g = (int(v) for v in spec.split(":"))
+        rows = request_rows(args.model, tokens(n, seed=11), g, args.threads, n + g + 256, tick=lambda label: log(label),
+                            llama_kwargs={"n_gpu_layers": args.n_gpu_layers, "flash_attn": True},
+                            pylazy_kwargs={"n_gpu_layers": args.n_gpu_layers})
+        for r in rows:
+            r.pop("text", None)
+            log(f"request {n}+{g} {r['policy']}: TTFT {r['ttft_s']:.2f} s, decode {r['decode_tok_s'] or 0:.1f} tok/s, "
+                f"total {r['total_s']:.2f} s, {r['speedup_total']:.2f}x")
+        out.append(((n, g), rows))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
@@ -139,6 +156,10 @@ def main(argv=None):
                     help="extra lazy schedules to time at 32K beside the default: keep ratios at layers 0.25/0.5/0.75, "
                          "comma-separated triples, e.g. 0.3/0.2/0.1,0.25/0.15/0.1 (rows 'ttft_extra')")
     ap.add_argument("--reps", type=int, default=3, help="repeats per prefill/decode row (median reported)")
+    ap.add_argument("--long-reps", type=int, default=1, help="repeats of prefill rows from 65536 tokens on")
+    ap.add_argument("--request", default="",
+                    help="whole-request rows N:G,...: an N-token prompt + G tokens through both libraries' Llama "
+                         "(llama-cpp-python, pylazy full / LazyPrefill() / Recycle(k=N/8) / both); TTFT, decode, total")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     prefill_lens = [int(x) for x in args.prefill.split(",") if x]
@@ -169,7 +190,7 @@ def main(argv=None):
     ref_prefill(llm, tokens(512))  # warm-up
     if "prefill" not in skip or "ttft" not in skip:
         for n in prefill_lens:
-            dt = median_of(args.reps, lambda: ref_prefill(llm, tokens(n)))
+            dt = median_of(args.reps if n < 65536 else args.long_reps, lambda: ref_prefill(llm, tokens(n)))
             ref["prefill"][n] = n / dt
             log(f"llama.cpp prefill {n}: {n / dt:.0f} tok/s ({dt:.2f} s)")
     if "decode" not in skip:
@@ -214,17 +235,17 @@ def main(argv=None):
     prefill(512, [])  # warm-up
     if "prefill" not in skip:
         for n in prefill_lens:
-            dt = median_of(args.reps, lambda: prefill(n, []))
+            dt = median_of(args.reps if n < 65536 else args.long_reps, lambda: prefill(n, []))
             ours["prefill"][n] = n / dt
             log(f"pylazy prefill {n}: {n / dt:.0f} tok/s ({dt:.2f} s)")
     if "ttft" not in skip:
         lazy = pylazy.LazyPrefill()
         sched = lazy.resolve(m.info.n_layer)
         prefill(512, sched, lazy.pool)
-        n = max(prefill_lens)
-        dt = median_of(args.reps, lambda: prefill(n, sched, lazy.pool))
-        ours["ttft_lazy"][n] = dt
-        log(f"pylazy lazy TTFT {n}: {dt:.2f} s; layer cells {ctx.layer_stats()['cells'][-1]}")
+        for n in [x for x in prefill_lens if x >= 16384] or [max(prefill_lens)]:
+            dt = median_of(args.reps if n < 65536 else args.long_reps, lambda: prefill(n, sched, lazy.pool))
+            ours["ttft_lazy"][n] = dt
+            log(f"pylazy lazy TTFT {n}: {dt:.2f} s; layer cells {ctx.layer_stats()['cells'][-1]}")
         for keeps in [k for k in args.ttft_keeps.split(",") if k]:
             other = pylazy.LazyPrefill(layers=(0.25, 0.5, 0.75), keep=tuple(float(x) for x in keeps.split("/")))
             sched = other.resolve(m.info.n_layer)
@@ -235,6 +256,7 @@ def main(argv=None):
         ctx.reset()
         ctx.set_lazy([], 0)
     if "decode" not in skip:
+        ours["decode_recycled_default"] = {}
         for d in depths:
             prefill(max(d, 1), [])
             ctx.set_recycle(0)
@@ -243,11 +265,17 @@ def main(argv=None):
             ours["step_ms"][d] = {}
             ours["decode_recycled"][d] = median_of(
                 args.reps, lambda: ours_decode(ctx, args.decode_steps, args.stride, ours["step_ms"][d]))
+            if d >= 1024:   # Recycle(k=depth/8), the default the evals measure
+                ctx.set_recycle(1, d // 8, args.stride, 0, pool=args.pool, share=args.share)
+                ours["decode_recycled_default"][d] = median_of(
+                    args.reps, lambda: ours_decode(ctx, args.decode_steps, args.stride))
             ctx.set_recycle(0)
             log(f"pylazy decode at {d}: full {ours['decode_full'][d]:.1f}, recycled {ours['decode_recycled'][d]:.1f} tok/s"
+                f", K=d/8 {ours['decode_recycled_default'].get(d, float('nan')):.1f}"
                 f" (ms per refresh / recycled step: {ours['step_ms'][d]})")
     ctx.close()
     m.close()
+    res["request"] = request_bench(args)
 
     res["llama_cpp"], res["pylazy"] = ref, ours
     lines = [f"# pylazy vs llama.cpp — {res['date']}, {res.get('gpu') or platform.processor()}, backend {res['backend']}",
@@ -276,11 +304,16 @@ def main(argv=None):
                 lines.append(f"TTFT at {n}, LazyPrefill(keep={keeps}): {dt2:.2f} s → {base / dt2:.2f}× faster")
         lines.append("")
     if ours["decode_full"]:
-        lines += [f"| decode depth | llama.cpp tok/s | pylazy full | ratio | pylazy recycled K={args.recycle_k} S={args.stride} | ratio |",
-                  "|---|---|---|---|---|---|"]
+        lines += [f"| decode depth | llama.cpp tok/s | pylazy full | ratio | pylazy recycled K={args.recycle_k} S={args.stride} | ratio "
+                  "| recycled K=depth/8 | ratio |", "|---|---|---|---|---|---|---|---|"]
         for d in depths:
             r, f, c = ref["decode"][d], ours["decode_full"][d], ours["decode_recycled"][d]
-            lines.append(f"| {d} | {r:.1f} | {f:.1f} | {f / r:.2f}× | {c:.1f} | {c / r:.2f}× |")
+            k8 = ours["decode_recycled_default"].get(d)
+            tail = f"| {k8:.1f} | {k8 / r:.2f}× |" if k8 else "| | |"
+            lines.append(f"| {d} | {r:.1f} | {f:.1f} | {f / r:.2f}× | {c:.1f} | {c / r:.2f}× {tail}")
+    for (n, g), rows in res["request"]:
+        lines.append(request_table(rows, n, g))
+    res["request"] = [{"n_prompt": n, "n_gen": g, "rows": rows} for (n, g), rows in res["request"]]
     table = "\n".join(lines)
     print(table)
     res["table"] = table
