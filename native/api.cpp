@@ -133,10 +133,10 @@ int plz_reset(plz_context * ctx) {
     });
 }
 
-int plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep, int32_t pool) {
+int plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep, int32_t pool, int32_t window) {
     return guarded([&] {
         require(ctx && n >= 0 && (n == 0 || (layers && keep)), "bad lazy schedule arguments");
-        plz::set_lazy(ctx->c, std::vector<int>(layers, layers + n), std::vector<float>(keep, keep + n), pool);
+        plz::set_lazy(ctx->c, std::vector<int>(layers, layers + n), std::vector<float>(keep, keep + n), pool, window);
     });
 }
 

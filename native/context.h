@@ -49,6 +49,7 @@ struct Context {
     Model * model = nullptr;
     int n_ctx = 0, n_ubatch = 512, n_threads = 1;
     int lazy_pool = 0;                  // lazy scores max-pooled over +-lazy_pool cells (0: the paper's)
+    int lazy_window = 1;                // lazy scores from the attention of the batch's last lazy_window rows
 
     std::vector<Stage> stages;
     std::vector<ggml_tensor *> k, v;    // per layer, pointing into the layer's stage
@@ -111,7 +112,7 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads);
 
 // Pruning schedule: after layer layers[i], keep the fraction keep[i] of all tokens. Empty = full
 // attention. Only on an empty context (n_past == 0).
-void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<float> & keep, int pool = 0);
+void set_lazy(Context * c, const std::vector<int> & layers, const std::vector<float> & keep, int pool = 0, int window = 1);
 
 // Computes tokens at positions n_past.. and writes logits: all rows or the last one. With a lazy
 // schedule and n_past == 0 the prompt is prefilled stage by stage with pruning; otherwise tokens run

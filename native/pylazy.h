@@ -69,8 +69,10 @@ PLZ_API int  plz_reset(plz_context * ctx);
 PLZ_API int  plz_truncate(plz_context * ctx, int32_t n);
 
 // Lazy prefill schedule: after layer layers[i] keep the fraction keep[i] of all tokens (n == 0: full
-// attention). Only on an empty context; reallocates the per-stage KV cache and the aux cache.
-PLZ_API int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep, int32_t pool);
+// attention). Only on an empty context; reallocates the per-stage KV cache and the aux cache. pool: scores
+// max-pooled over +-pool cells; window (>= 1): scores from the attention of the batch's last `window` rows.
+PLZ_API int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep, int32_t pool,
+                          int32_t window);
 
 // Per layer (arrays of n_layer): tokens holding a KV cell (computed there), tokens revived there since
 // the last reset, and KV bytes allocated. Any pointer may be null.

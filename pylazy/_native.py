@@ -81,7 +81,7 @@ _sigs = {
     "plz_truncate": (ctypes.c_int, [_p, ctypes.c_int32]),
     "plz_n_past": (ctypes.c_int, [_p]),
     "plz_set_lazy": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_float),
-                                    ctypes.c_int32]),
+                                    ctypes.c_int32, ctypes.c_int32]),
     "plz_set_recycle": (ctypes.c_int, [_p] + [ctypes.c_int32] * 5 + [ctypes.c_float]),
     "plz_decode": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float),
                                   ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int32)]),

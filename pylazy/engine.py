@@ -143,6 +143,7 @@ class Context(_Owned):
         self.n_ctx = int(n_ctx) or model.info.n_ctx_train
         self.lazy_schedule: list = []
         self.lazy_pool = 0
+        self.lazy_window = 1
         self.recycle_mode = 0
         self._recycle_k = 0
         self._h = ctypes.c_void_p()
@@ -184,17 +185,19 @@ class Context(_Owned):
         """Forget the tokens at positions >= n (full attention only); the next eval continues at n."""
         _raise_for(N.lib.plz_truncate(self.handle, int(n)), "truncate")
 
-    def set_lazy(self, schedule: Sequence[Tuple[int, float]], pool: int = 0) -> None:
+    def set_lazy(self, schedule: Sequence[Tuple[int, float]], pool: int = 0, window: int = 1) -> None:
         """Pruning schedule [(layer, keep), ...] (see LazyPrefill.resolve); [] = full attention.
         pool: importance scores max-pooled over +-pool neighbouring tokens before the top-k.
+        window: importance from the attention of the last `window` rows of the selecting batch.
 
         Only on an empty context (n_past == 0); reallocates the per-stage KV cache.
         """
         layers = (ctypes.c_int32 * len(schedule))(*[int(l) for l, _ in schedule])
         keep = (ctypes.c_float * len(schedule))(*[float(k) for _, k in schedule])
-        _raise_for(N.lib.plz_set_lazy(self.handle, len(schedule), layers, keep, int(pool)), "set_lazy")
+        _raise_for(N.lib.plz_set_lazy(self.handle, len(schedule), layers, keep, int(pool), int(window)), "set_lazy")
         self.lazy_schedule = [(int(l), float(k)) for l, k in schedule]
         self.lazy_pool = int(pool)
+        self.lazy_window = int(window)
 
     def set_recycle(self, mode: int = 0, k: int = 0, tail: int = 0, sinks: int = 0, pool: int = 0,
                     share: float = 0.0) -> None:

@@ -350,8 +350,9 @@ class Llama:
             schedule = lazy.resolve(self.n_layer()) if lazy is not None else []
             schedule = snap_to_global_layers(schedule, self._model.swa_layers())
             pool = lazy.pool if lazy is not None and schedule else 0
-            if (schedule, pool) != (self._ctx.lazy_schedule, self._ctx.lazy_pool):
-                self._ctx.set_lazy(schedule, pool)
+            window = lazy.window if lazy is not None and schedule else 1
+            if (schedule, pool, window) != (self._ctx.lazy_schedule, self._ctx.lazy_pool, self._ctx.lazy_window):
+                self._ctx.set_lazy(schedule, pool, window)
         pruning = bool(getattr(self._ctx, "lazy_schedule", []))
         n_prompt_before = self._ctx.n_past
         step = len(tokens) if pruning else self.n_batch

@@ -64,16 +64,24 @@ class LazyPrefill:
         0 (default): the prompt's selection holds for the whole answer. A re-selection at 8K
         revives ~1 000 token-stages and costs about 30 decode steps on a 2-core CPU, which is
         why it is not done every step by default (docs/bench-cpu.md, "whole request").
+    window: a token's importance is its attention from the prompt's last ``window`` tokens
+        (mean over them and the heads; SnapKV's observation window) rather than from the
+        last token alone (1, as LazyLLM). The rows must be in the prompt's last chunk of
+        n_ubatch rows; a shorter last chunk uses what it has. In [1, 256].
     """
 
     layers: Optional[Tuple[LayerSpec, ...]] = None
     keep: Optional[Tuple[float, ...]] = None
     pool: int = 8
     reselect: int = 0
+    window: int = 1
 
     def __post_init__(self) -> None:
         _check_pool(self.pool)
         _check_int("reselect", self.reselect, 0)
+        _check_int("window", self.window, 1)
+        if self.window > 256:
+            raise ValueError(f"window must be at most 256, got {self.window}")
         layers, keep = self.layers, self.keep
         if layers is None and keep is None:
             layers, keep = _DEFAULT_LAYERS, _DEFAULT_KEEP

@@ -165,7 +165,7 @@ def main(argv=None):
     prefill_lens = [int(x) for x in args.prefill.split(",") if x]
     depths = [int(x) for x in args.depths.split(",") if x]
     skip = set(args.skip.split(","))
-    n_ctx = max(prefill_lens + [d + 2 * args.reps * (args.decode_steps + 2 * args.stride + 16) + 64 for d in depths])
+    n_ctx = max(prefill_lens + [d + 3 * args.reps * (args.decode_steps + 2 * args.stride + 16) + 64 for d in depths])
     n_ctx = (n_ctx + 255) // 256 * 256
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model, "n_ctx": n_ctx,
            "pylazy_version": pylazy.__version__, "llama_cpp_python": llama_cpp.__version__,

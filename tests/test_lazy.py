@@ -13,7 +13,7 @@ def _prompt(n, seed=0):
     return np.random.default_rng(seed).integers(100, 40000, size=n).tolist()
 
 
-def _reference_selection(hp, w, tokens, schedule, pool=0, follow=None):
+def _reference_selection(hp, w, tokens, schedule, pool=0, follow=None, window=1):
     """Stage-by-stage numpy prefill: returns the positions kept at each boundary and the last logits.
     follow: positions to carry on with at each boundary instead of the reference's own pick (pooled
     scores tie in runs, and a tie broken the other way must not cascade into later stages)."""
@@ -29,7 +29,7 @@ def _reference_selection(hp, w, tokens, schedule, pool=0, follow=None):
         il0 = il_last + 1
         if b == len(schedule):
             break
-        importance = inner["probs"][:, -1, :].mean(axis=0)   # last row over the alive tokens
+        importance = inner["probs"][:, -window:, :].mean(axis=(0, 1))   # last rows over the alive tokens
         if pool:
             importance = R.pool_max(importance, pool)        # neighbours in position order
         n_keep = R._n_keep(schedule[b][1], n)
@@ -52,17 +52,17 @@ def _assert_same_selection(engine_sel, ref_sel, importance_of_pos, margin=1e-3):
         assert all(abs(importance_of_pos[p] - cut) < margin for p in diff), (sorted(a - b), sorted(b - a))
 
 
-@pytest.mark.parametrize("n_ubatch,pool", [(512, 0), (16, 0), (16, 2)])
-def test_prefill_selection_matches_numpy_reference(tiny, n_ubatch, pool):
+@pytest.mark.parametrize("n_ubatch,pool,window", [(512, 0, 1), (16, 0, 1), (16, 2, 1), (512, 0, 8)])
+def test_prefill_selection_matches_numpy_reference(tiny, n_ubatch, pool, window):
     m, hp, w = tiny
     tokens = _prompt(48)
     with Context(m, n_ctx=256, n_ubatch=n_ubatch) as ctx:
-        ctx.set_lazy(SCHEDULE, pool)
+        ctx.set_lazy(SCHEDULE, pool, window)
         logits = ctx.eval(tokens)[0]
         stages = ctx.stages()
     follow = [stages[s]["selected"] for s in range(1, len(SCHEDULE) + 1)] if pool else None
-    ref_kept, ref_logits = _reference_selection(hp, w, tokens, SCHEDULE, pool, follow)
-    if pool:   # the option must change what is kept, or this case would test nothing
+    ref_kept, ref_logits = _reference_selection(hp, w, tokens, SCHEDULE, pool, follow, window)
+    if pool or window > 1:   # the option must change what is kept, or this case would test nothing
         plain, _ = _reference_selection(hp, w, tokens, SCHEDULE)
         assert any(set(a.tolist()) != set(b.tolist()) for (a, _), (b, _) in zip(plain, ref_kept))
     exact = 0
