@@ -189,47 +189,42 @@ class Engines:
 
 
 # ----- decode policies (hook) --------------------------------------------------------------
-def _full_setup(eng: Engines, options: dict):
-    """Full attention: nothing to configure; every step is a plain one-token eval."""
-    from .policy import make_stride_policy
-    return make_stride_policy(None)
+def _full_setup(eng: Engines, options: dict) -> None:
+    """Full attention: every step is a plain one-token step."""
+    return None
 
 
 def _recycled_setup(eng: Engines, options: dict):
-    """Recycled attention with K = depth / 8 (at least 64) and stride 16 unless options say otherwise."""
-    from .policy import Recycle, make_stride_policy
+    """Recycle() as users get it (pool, share), with K = depth / 8 (at least 64) and stride 16
+    unless options say otherwise."""
+    from .policy import Recycle
     k = int(options.get("k") or max(64, options.get("depth", 0) // 8))
-    stride = int(options.get("stride", 16))
-    rec = Recycle(k=k, stride=stride)   # the default pool, as users get it
-    eng.ctx.set_recycle(1, k, stride, 0, pool=rec.pool)
-    policy = make_stride_policy(rec)
-    policy.recycle_k, policy.stride = k, stride
-    return policy
+    return Recycle(k=k, stride=int(options.get("stride", 16)))
 
 
-# name -> setup(engines, options) -> a StridePolicy (pylazy.policy) asked "full" or "recycled" per step.
+# name -> setup(engines, options) -> the decode policy generate_step runs (None, Recycle, ...).
 DECODE_POLICIES: Dict[str, Callable[[Engines, dict], object]] = {"full": _full_setup, "recycled": _recycled_setup}
 
 
-def _pylazy_step(eng: Engines, tok: int, step) -> "object":
-    return eng.ctx.decode(tok, recycled=step.kind == "recycled")[0]
-
-
-def pylazy_decode(eng: Engines, policy, prefix: Sequence[int], first: int, n_steps: int) -> Tuple[float, List[int]]:
-    """Like Engines.llama_decode, on pylazy with a stride policy choosing each step's kind."""
-    import numpy as np
-    eng.ctx.reset()
+def pylazy_decode(eng: Engines, recycle, prefix: Sequence[int], first: int, n_steps: int) -> Tuple[float, List[int]]:
+    """Like Engines.llama_decode, on pylazy: prefill `prefix` (not timed), then n_steps greedy
+    steps from `first` through pylazy.generate's token loop under the decode policy `recycle`."""
+    from .generate import ContextCache, Forced, Greedy, configure_recycle, generate_step
+    cache = ContextCache(eng.ctx)
+    cache.reset()
     if eng.ctx.lazy_schedule:
         eng.ctx.set_lazy([])
-    if prefix:
-        eng.ctx.eval(prefix)
-    policy.reset()
-    tok, fed = first, []
+    logits = eng.ctx.eval(prefix)[-1] if prefix else None
+    cache.tokens = list(prefix)
+    configure_recycle(eng.ctx, recycle)   # outside the timing (a new configuration allocates)
+    fed: List[int] = []
     t0 = time.perf_counter()
-    for _ in range(n_steps):
-        logits = _pylazy_step(eng, tok, policy.next_step())
+    steps = generate_step(cache, logits, Forced([first], then=Greedy()), recycle=recycle)
+    for tok, _ in steps:
+        if len(fed) == n_steps:   # the n_steps fed tokens are evaluated; this one never is
+            break
         fed.append(tok)
-        tok = int(np.argmax(logits))
+    steps.close()
     return time.perf_counter() - t0, fed
 
 
@@ -274,14 +269,14 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
         raise ValueError(f"decode policy {policy!r} not available (have: {', '.join(DECODE_POLICIES)})")
     rows = []
     for depth in depths:
-        stride = DECODE_POLICIES[policy](eng, dict(options or {}, depth=depth))
+        recycle = DECODE_POLICIES[policy](eng, dict(options or {}, depth=depth))
         tick(f"decode {policy} @{depth}")
         prefix, first = tokens[:depth], tokens[depth]
         runs = _repeats(depth, repeat)
         fed: Dict[str, List[int]] = {}
 
         def plz() -> float:
-            t, fed["pylazy"] = pylazy_decode(eng, stride, prefix, first, n_steps)
+            t, fed["pylazy"] = pylazy_decode(eng, recycle, prefix, first, n_steps)
             return t
 
         def ref() -> float:
@@ -302,7 +297,8 @@ def decode_rows(policy: str, eng: Engines, tokens: Sequence[int], depths: Sequen
             if a != b:
                 break
             agree += 1
-        rows.append({"policy": policy + (f" K={stride.recycle_k} S={stride.stride}" if policy == "recycled" else ""), "depth": depth, "steps": n_steps, "runs": runs,
+        label = policy + (f" K={recycle.k} S={recycle.stride}" if recycle is not None else "")
+        rows.append({"policy": label, "depth": depth, "steps": n_steps, "runs": runs,
                      "pylazy_tok_s": n_steps / t_plz, "llama_cpp_tok_s": n_steps / t_ref,
                      "ratio": t_ref / t_plz, "greedy_agree": agree, "run_seconds": seconds, "load": _load()})
     return rows
@@ -519,8 +515,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     return {"meta": result.pop("meta"), **result}
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import UsageError
+def main(args: argparse.Namespace) -> int:
+    from .cli_args import UsageError
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.decode_steps < 1:
@@ -565,7 +561,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from .cli import add_command
+    from .cli_args import add_command
     add_command(subparsers, "bench", "speed vs llama-cpp-python on the same model file",
                 "Prefill, decode and TTFT speed of pylazy against llama-cpp-python "
-                "(same file, threads, n_ctx, ubatch), as markdown tables.", add_arguments, cmd_bench)
+                "(same file, threads, n_ctx, ubatch), as markdown tables.", add_arguments, main)

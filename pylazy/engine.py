@@ -146,6 +146,7 @@ class Context(_Owned):
         self.lazy_window = 1
         self.recycle_mode = 0
         self._recycle_k = 0
+        self.recycle_config: Tuple[int, int, int, int, int, float] = (0, 0, 0, 0, 0, 0.0)   # set_recycle's
         self._h = ctypes.c_void_p()
         params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0))
         _raise_for(N.lib.plz_context_new(model.handle, ctypes.byref(params), ctypes.byref(self._h)), "cannot create context")
@@ -209,6 +210,7 @@ class Context(_Owned):
                    "set_recycle")
         self.recycle_mode = int(mode)
         self._recycle_k = int(k)
+        self.recycle_config = (int(mode), int(k), int(tail), int(sinks), int(pool), float(share))
 
     def decode(self, token: int, recycled: bool = False, similarity: bool = False, select: bool = False):
         """One token as the stride policy says. Returns (logits [n_vocab], ran_recycled, sims or None),

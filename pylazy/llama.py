@@ -38,9 +38,9 @@ import numpy as np
 
 from .engine import Context, Model
 from .errors import ModelLoadError, PylazyError
+from .generate import ContextCache, Forced, RecyclePolicy, StepStats, generate_step, prefill, prefill_stats
 from .models import resolve_model_path
-from .policy import (LazyPrefill, Recycle, ReselectSchedule, Step, StreamingWindow, make_stride_policy,
-                     snap_to_global_layers)
+from .policy import LazyPrefill, Recycle, StreamingWindow
 from .sampling import Sampler, SamplingParams, StopMatcher, log_softmax
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
@@ -64,7 +64,6 @@ _DEFAULT_ONLY_KWARGS: Dict[str, Any] = {
 }
 
 Lazy = Optional[LazyPrefill]
-RecyclePolicy = Union[None, Recycle, StreamingWindow]
 
 
 class _ClosedVocab:
@@ -108,16 +107,6 @@ class _Job:
     model_name: str
     lazy: Lazy
     recycle: RecyclePolicy
-
-
-class _Forced:
-    """A stand-in sampler for teacher forcing: "draws" the given tokens in order."""
-
-    def __init__(self, tokens: Sequence[int]):
-        self._next = iter(tokens)
-
-    def sample(self, logits: np.ndarray, history: Sequence[int], n_prompt: int = 0) -> int:
-        return next(self._next)
 
 
 def _check_lazy(lazy: Any) -> Lazy:
@@ -208,6 +197,8 @@ class Llama:
         self.n_batch = min(n_ctx, n_batch)
         self._ctx = Context(self._model, n_ctx=n_ctx, n_ubatch=min(self.n_batch, n_ubatch),
                             n_threads=n_threads)
+        self._cache = ContextCache(self._ctx)
+        self._swa = self._model.swa_layers()
         self._closed = False
 
         self._seed = seed or LLAMA_DEFAULT_SEED
@@ -216,9 +207,6 @@ class Llama:
         # llama-cpp-python 0.3.36 builds these from the GGUF's tokenizer.chat_template(s)
         self._chat_handlers = self._vocab._chat_handlers
         self.metadata: Dict[str, str] = self._vocab.metadata
-        self._evaluated: List[int] = []
-        self._last_logits: Optional[np.ndarray] = None   # float32 [n_vocab]
-        self._last_similarity: Optional[float] = None
         self._ppl_context: Optional[Tuple[List[int], np.ndarray]] = None   # see _perplexity_context
         self._pieces: Dict[int, bytes] = {}
         self._call_policy: Dict[str, Any] = {}
@@ -249,6 +237,24 @@ class Llama:
 
     def token_nl(self) -> int:
         return self._vocab.token_nl()
+
+    # What the KV cache holds lives in self._cache (pylazy.generate.ContextCache, which the token
+    # loop keeps up to date); these two names read and write it.
+    @property
+    def _evaluated(self) -> List[int]:
+        return self._cache.tokens
+
+    @_evaluated.setter
+    def _evaluated(self, tokens: List[int]) -> None:
+        self._cache.tokens = tokens
+
+    @property
+    def _last_logits(self) -> Optional[np.ndarray]:
+        return self._cache.last_logits
+
+    @_last_logits.setter
+    def _last_logits(self, logits: Optional[np.ndarray]) -> None:
+        self._cache.last_logits = logits
 
     @property
     def n_tokens(self) -> int:
@@ -308,9 +314,7 @@ class Llama:
 
     def reset(self) -> None:
         """Forget the evaluated tokens (the next call evaluates its whole prompt)."""
-        self._ctx.reset()
-        self._evaluated = []
-        self._last_logits = None
+        self._cache.reset()
         self._ppl_context = None
 
     def eval(self, tokens: Sequence[int]) -> None:
@@ -338,99 +342,25 @@ class Llama:
 
     # ----- engine steps (the one place lazy prefill and recycled decode plug in) ---------
     def _prefill(self, tokens: List[int], lazy: Lazy, all_logits: bool = False) -> np.ndarray:
-        """Evaluate tokens after the cache; logits [len(tokens) if all_logits else 1, n_vocab].
-
-        On an empty cache the context takes the lazy schedule asked for (None: full attention).
-        A lazy prefill runs the whole prompt at once (pruning is scored by its last token); full
-        attention goes in chunks of n_batch so prefill_progress can report. Tokens after an
-        existing cache run through the schedule the cache was built with.
-        """
+        """Evaluate tokens after the cache (pylazy.generate.prefill, in chunks of n_batch);
+        logits [len(tokens) if all_logits else 1, n_vocab]. A prefill from an empty cache
+        keeps its layer counters for the call's stats."""
         self._ppl_context = None   # the cache changes: perplexity() may not reuse it
-        if self._ctx.n_past == 0:
-            schedule = lazy.resolve(self.n_layer()) if lazy is not None else []
-            schedule = snap_to_global_layers(schedule, self._model.swa_layers())
-            pool = lazy.pool if lazy is not None and schedule else 0
-            window = lazy.window if lazy is not None and schedule else 1
-            if (schedule, pool, window) != (self._ctx.lazy_schedule, self._ctx.lazy_pool, self._ctx.lazy_window):
-                self._ctx.set_lazy(schedule, pool, window)
-        pruning = bool(getattr(self._ctx, "lazy_schedule", []))
-        n_prompt_before = self._ctx.n_past
-        step = len(tokens) if pruning else self.n_batch
-        rows = []
-        for start in range(0, len(tokens), step):
-            chunk = tokens[start:start + step]
-            out = self._ctx.eval(chunk, all_logits=all_logits)
-            rows.append(out)
-            self._evaluated.extend(chunk)
-            if self.prefill_progress is not None:
-                self.prefill_progress(start + len(chunk), len(tokens))
-        if n_prompt_before == 0:
+        from_empty = self._ctx.n_past == 0
+        logits = prefill(self._cache, tokens, lazy, swa=self._swa, n_batch=self.n_batch,
+                         all_logits=all_logits, progress=self.prefill_progress)
+        if from_empty:
             self._prefill_stats = self._ctx.layer_stats()
             self._prefill_tokens = len(tokens)
-            self._reselect_every = lazy.reselect if pruning and lazy is not None else 0
-        logits = np.concatenate(rows) if all_logits else rows[-1]
-        self._last_logits = logits[-1].copy()
         return logits
 
-    def _configure_recycle(self, recycle: RecyclePolicy) -> None:
-        """Give the context the recycled cache `recycle` asks for (only when it changes)."""
-        if recycle is None:
-            want = (0, 0, 0, 0, 0, 0.0)
-        elif isinstance(recycle, StreamingWindow):
-            want = (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks, 0, 0.0)
-        else:
-            want = (1, recycle.k, recycle.stride, 0, recycle.pool, float(recycle.share))
-        if want != getattr(self, "_recycle_config", (0, 0, 0, 0, 0, 0.0)):
-            self._ctx.set_recycle(*want)
-            self._recycle_config = want
-        self._recycle_start = self._ctx.recycle_stats()
-        self._similarities: List[float] = []
-
-    def _decode_step(self, token: int, step: Step, select: bool = False) -> np.ndarray:
-        """Evaluate one generated token as the stride policy's ``step`` says; its logits.
-
-        A recycled step also returns the per-layer query similarity when the policy asked
-        for it; its mean over the layers where it was computed goes to the policy.
-        select: after a lazy prefill, re-select at the pruning layers (LazyPrefill.reselect).
-        """
-        logits, ran_recycled, sims = self._ctx.decode(token, recycled=step.kind == "recycled",
-                                                      similarity=step.check_similarity, select=select)
-        self._last_similarity = None
-        if ran_recycled and sims is not None and np.isfinite(sims).any():
-            self._last_similarity = float(np.nanmean(sims))
-            self._similarities.append(self._last_similarity)
-        self._evaluated.append(token)
-        self._last_logits = logits
-        return logits
-
-    def _engine_stats(self) -> Dict[str, Any]:
-        """Counters from the engine: what the prefill computed per layer, revivals, KV memory."""
+    def _engine_stats(self, steps: StepStats) -> Dict[str, Any]:
+        """Counters from the engine: what the prefill computed per layer, revivals, KV memory,
+        and the decode steps of `steps`."""
         now = self._ctx.layer_stats()
-        pre = getattr(self, "_prefill_stats", None) or now
-        n_prompt = max(1, getattr(self, "_prefill_tokens", 0) or 1)
-        computed = pre["cells"]
-        return {
-            "lazy_schedule": list(getattr(self._ctx, "lazy_schedule", [])),
-            "tokens_computed_per_layer": computed,
-            "computed_fraction": sum(computed) / (n_prompt * len(computed)),
-            "revived_tokens": int(sum(now["revived"])),
-            "revived_per_layer": now["revived"],
-            "kv_bytes": int(sum(now["kv_bytes"])),
-            "kv_bytes_per_layer": now["kv_bytes"],
-            **self._recycle_stats(),
-        }
-
-    def _recycle_stats(self) -> Dict[str, Any]:
-        start = getattr(self, "_recycle_start", None) or {"full_steps": 0, "recycled_steps": 0}
-        now = self._ctx.recycle_stats()
-        sims = getattr(self, "_similarities", [])
-        mode, k = getattr(self, "_recycle_config", (0, 0, 0, 0, 0))[:2]
-        return {
-            "full_steps": now["full_steps"] - start["full_steps"],
-            "recycled_steps": now["recycled_steps"] - start["recycled_steps"],
-            "recycle_k": k if mode else None,
-            "mean_query_similarity": float(np.mean(sims)) if sims else None,
-        }
+        return {**prefill_stats(getattr(self, "_prefill_stats", None) or now, now,
+                                getattr(self, "_prefill_tokens", 0), self._ctx.lazy_schedule),
+                **steps.as_dict()}
 
     def _sync_prompt(self, prompt_tokens: List[int], lazy: Lazy, all_logits: bool) -> Tuple[np.ndarray, int]:
         """Bring the context to exactly prompt_tokens; (logits rows, tokens reused).
@@ -465,28 +395,6 @@ class Llama:
         self.reset()
         return self._prefill(prompt_tokens, lazy), 0
 
-    def _tokens(self, logits: np.ndarray, history: List[int], n_prompt: int, sampler: Sampler,
-                recycle: RecyclePolicy, stopping_criteria) -> Iterator[Tuple[int, np.ndarray]]:
-        """Yield (token, the logits it was drawn from); evaluate it when asked for the next.
-
-        So the last token of a generation is never evaluated, as in llama-cpp-python. Ends
-        when stopping_criteria(evaluated ids, logits) says so (its token is dropped).
-        """
-        policy = make_stride_policy(recycle)
-        policy.reset()
-        self._configure_recycle(recycle)
-        reselect = ReselectSchedule(getattr(self, "_reselect_every", 0) if self._ctx.lazy_schedule else 0)
-        while True:
-            token = sampler.sample(logits, history, n_prompt)
-            if stopping_criteria is not None and stopping_criteria(self.input_ids, logits.copy()):
-                return
-            yield token, logits
-            history.append(token)
-            step = policy.next_step()
-            logits = self._decode_step(token, step, reselect.select(step.kind == "full"))
-            if step.check_similarity:
-                policy.observe(self._last_similarity)
-
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
                  repeat_penalty: float = 1.0, reset: bool = True, frequency_penalty: float = 0.0,
@@ -501,9 +409,8 @@ class Llama:
             logits, _ = self._sync_prompt(tokens, lazy, False)
         else:
             logits = self._prefill(tokens, lazy)
-        history = list(self._evaluated)
-        for token, _ in self._tokens(logits[-1], history, len(history), sampler, recycle,
-                                     stopping_criteria):
+        for token, _ in generate_step(self._cache, logits[-1], sampler, recycle=recycle,
+                                      stopping_criteria=stopping_criteria):
             yield token
 
     # ----- perplexity --------------------------------------------------------------------
@@ -550,7 +457,8 @@ class Llama:
         t1 = time.perf_counter()
         nlls = np.empty(len(forced), dtype=np.float64)
         # generation's own loop, with a "sampler" that draws the text's next token
-        steps = self._tokens(row, list(context), n_context, _Forced(forced), recycle, None)
+        step_stats = StepStats()
+        steps = generate_step(self._cache, row, Forced(forced), recycle=recycle, stats=step_stats)
         try:
             for i, (token, logits) in enumerate(steps):
                 x = logits.astype(np.float64)
@@ -563,7 +471,7 @@ class Llama:
         t2 = time.perf_counter()
         self.stats = {"prompt_tokens": n_context, "reused_tokens": reused, "prefill_s": t1 - t0,
                       "decode_s": t2 - t1, "forced_tokens": len(forced), "total_s": t2 - t0,
-                      **self._engine_stats()}
+                      **self._engine_stats(step_stats)}
         nll = float(nlls.sum())
         n_steps = len(forced) - 1
         return {"ppl": float(np.exp(nll / len(forced))), "nll": nll, "n_tokens": len(forced),
@@ -748,9 +656,9 @@ class Llama:
         finish = "stop"   # also when stopping_criteria ends the token stream
         if job.stream and prompt_text:
             yield chunk(prompt_text)
-        history = list(job.prompt_tokens)
-        tokens = self._tokens(rows[-1], history, len(job.prompt_tokens), job.sampler,
-                              job.recycle, job.stopping_criteria)
+        step_stats = StepStats()
+        tokens = generate_step(self._cache, rows[-1], job.sampler, recycle=job.recycle,
+                               stopping_criteria=job.stopping_criteria, stats=step_stats)
         t_first = None
         try:
             for token, logits in tokens:
@@ -790,7 +698,7 @@ class Llama:
             t2 = time.perf_counter()
             stats.update(decode_s=t2 - t1, generated_tokens=len(completion), finish_reason=finish,
                          total_s=t2 - t0, **_request_times(t0, t_first, t2, len(completion)))
-            stats.update(self._engine_stats())
+            stats.update(self._engine_stats(step_stats))
             if self.verbose:
                 print(f"pylazy: prompt {stats['prompt_tokens']} tok ({stats['reused_tokens']} reused) "
                       f"{stats['prefill_s']:.3f} s, {len(completion)} tok in {stats['decode_s']:.3f} s",

@@ -282,7 +282,7 @@ def write_case(case: Case, sources: dict[str, memoryview], path: Path) -> None:
 def _worker_main(paths: list[str]) -> None:
     """Runs in the subprocess: the CLI's check + load for each file, one line per event."""
     from pylazy.errors import ModelLoadError
-    from pylazy.gguf_check import _load_and_run, run_cli
+    from pylazy.gguf_check.cli import _load_and_run, run_cli
     abort_on = os.environ.get("PYLAZY_FUZZ_SELFTEST_ABORT")   # lets a test check crash detection
     no_check = os.environ.get("PYLAZY_FUZZ_NO_CHECK") == "1"
     for i, p in enumerate(paths):

@@ -37,6 +37,7 @@ import llama_cpp  # noqa: E402
 import pylazy  # noqa: E402
 from pylazy.engine import Context, Model  # noqa: E402
 from pylazy.bench_request import request_rows, request_table  # noqa: E402
+from pylazy.generate import ContextCache, Greedy, generate_step, prefill  # noqa: E402
 from pylazy.llama_ref import reference_llama  # noqa: E402
 
 
@@ -98,17 +99,19 @@ def recycle_gather_parity(m, args, depth=6000, steps=40, lazy=False) -> dict:
     """Recycled greedy decode (K=recycle-k/2, S=stride) with the CUDA gather kernel and with the plain-op
     gather (PYLAZY_CUDA_GATHER=0, read when a context is made): the logits must be bit-identical.
     lazy: after LazyPrefill() (one graph per stage; with share the picks run after all stages)."""
+    rec = pylazy.Recycle(k=args.recycle_k // 2, stride=args.stride, pool=args.pool, share=args.share)
+
     def run():
         with Context(m, n_ctx=depth + steps + 256, n_ubatch=args.n_ubatch) as ctx:
-            if lazy:
-                lp = pylazy.LazyPrefill()
-                ctx.set_lazy(lp.resolve(m.info.n_layer), lp.pool)
-            ctx.set_recycle(1, args.recycle_k // 2, args.stride, 0, pool=args.pool, share=args.share)
-            logits = ctx.eval(tokens(depth, seed=3))
+            cache = ContextCache(ctx)
+            logits = prefill(cache, tokens(depth, seed=3), pylazy.LazyPrefill() if lazy else None,
+                             swa=m.swa_layers(), n_batch=depth)
             out = []
-            for i in range(steps):
-                logits, _, _ = ctx.decode(int(logits.argmax()), recycled=i % args.stride != 0)
-                out.append(logits.copy())
+            for i, (_, logits) in enumerate(generate_step(cache, logits[-1], Greedy(), recycle=rec)):
+                if i > 0:    # the logits of the i-th decode step
+                    out.append(logits.copy())
+                if i == steps:
+                    break
             return np.array(out)
     kernel = run()
     os.environ["PYLAZY_CUDA_GATHER"] = "0"

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pylazy import ModelLoadError, cli, default_model_path, models
+from pylazy import LazyPrefill, ModelLoadError, Recycle, StreamingWindow, cli, default_model_path, models
+from pylazy.cli_args import policies_from_args
+from pylazy.commands.info import model_info
 from pylazy.llama_ref import reference_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +76,7 @@ def test_info_text_and_json():
     assert info["file_bytes"] == os.path.getsize(default_model_path())
     assert info["tensor_types"]["Q4_1"] > 100 and sum(info["tensor_types"].values()) == info["n_tensors"]
     # the engine's view of the header agrees with the gguf package's
-    engine = cli.model_info(default_model_path(), use_gguf=False)
+    engine = model_info(default_model_path(), use_gguf=False)
     for key in ("arch", "n_layer", "n_head", "n_head_kv", "n_embd", "n_ctx_train", "n_vocab"):
         assert engine[key] == info[key], key
 
@@ -110,11 +112,11 @@ def test_policy_flags_parse_into_policy_objects():
     parser = cli.build_parser()
     args = parser.parse_args(["run", "x", "--lazy-layers", "3,0.5", "--lazy-keep", "0.6,0.3",
                               "--recycle-k", "64", "--stride", "8", "--dynamic-threshold", "0.9"])
-    lazy, recycle = cli.policies_from_args(args)
-    assert lazy == cli.LazyPrefill(layers=(3, 0.5), keep=(0.6, 0.3))
-    assert recycle == cli.Recycle(k=64, stride=8, dynamic_threshold=0.9)
-    lazy, recycle = cli.policies_from_args(parser.parse_args(["run", "x", "--lazy", "--streaming-window", "2,100"]))
-    assert lazy == cli.LazyPrefill() and recycle == cli.StreamingWindow(sinks=2, window=100)
+    lazy, recycle = policies_from_args(args)
+    assert lazy == LazyPrefill(layers=(3, 0.5), keep=(0.6, 0.3))
+    assert recycle == Recycle(k=64, stride=8, dynamic_threshold=0.9)
+    lazy, recycle = policies_from_args(parser.parse_args(["run", "x", "--lazy", "--streaming-window", "2,100"]))
+    assert lazy == LazyPrefill() and recycle == StreamingWindow(sinks=2, window=100)
 
 
 def test_every_subcommand_has_help(capsys):

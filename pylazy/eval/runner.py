@@ -37,7 +37,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .cli import DEFAULT_DEPTHS
+from .args import DEFAULT_DEPTHS, add_arguments
 from .haystack import natural_prefix
 from .scoring import score
 from .tasks import FAMILIES, Task, make_tasks, parse_spec
@@ -468,7 +468,6 @@ def run_from_args(a: argparse.Namespace) -> dict:
 
 
 def main(argv=None):
-    from .cli import add_arguments
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_arguments(ap)
     run_from_args(ap.parse_args(argv))

