@@ -27,6 +27,10 @@ declare -A P=(
   [rec_dyn09]='lambda L: {"recycle": Recycle(k=L // 8, stride=16, dynamic_threshold=0.9)}'
   [stream]='lambda L: {"recycle": StreamingWindow(sinks=4, window=L // 8 - 4, stride=16)}'
   [lazy_r16]='{"lazy": LazyPrefill(reselect=16)}'
+  [lazy_r1]='{"lazy": LazyPrefill(reselect=1)}'
+  [lazy_w32p16]='{"lazy": LazyPrefill(window=32, pool=16)}'
+  [lazy_rec_r1]='lambda L: {"lazy": LazyPrefill(reselect=1), "recycle": Recycle(k=L // 8, stride=16)}'
+  [lazy_rec_w32p16]='lambda L: {"lazy": LazyPrefill(window=32, pool=16), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec_share0]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
 )
@@ -39,6 +43,8 @@ case ${SET:-} in
   # the whole request (issue 17): lazy decode keeps the prompt's selection (reselect=0, the default);
   # lazy_r16 re-selects every 16 steps, lazy_rec both methods, StreamingLLM at the same budget beside them
   request) names="full lazy_default lazy_r16 rec_s16 lazy_rec stream" lengths=(4096 7936) ppl=0 ;;
+  # the lazy decode choices: re-select every step (LazyLLM) vs the prompt's selection with a window
+  reselect) names="full lazy_r1 lazy_w32p16 lazy_rec_r1 lazy_rec_w32p16 stream" lengths=(4096 7936) ppl=0 ;;
   *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
 esac
 args=()
