@@ -771,8 +771,13 @@ void prefill_lazy(Context & c, const int32_t * tokens, int n, float * logits_out
     for (int s = 0; s < S; ++s) {
         const int n_alive = (int) alive.size();
         std::vector<int32_t> next;
-        for (int off = 0; off < n_alive; off += c.n_ubatch) {
-            const int nc = std::min(c.n_ubatch, n_alive - off);
+        // The selection reads the last chunk's last lazy_window rows: a chunk that would leave a shorter
+        // last one ends early, so the last holds the whole window (with window 1, chunks are n_ubatch).
+        const int window = std::min(c.lazy_window, c.n_ubatch);
+        for (int off = 0, nc = 0; off < n_alive; off += nc) {
+            nc = std::min(c.n_ubatch, n_alive - off);
+            const int rest = n_alive - off - nc;
+            if (rest > 0 && rest < window) nc -= window - rest;
             const bool last_chunk = off + nc == n_alive;
             Batch b;
             b.stage = s;

@@ -52,7 +52,7 @@ def _assert_same_selection(engine_sel, ref_sel, importance_of_pos, margin=1e-3):
         assert all(abs(importance_of_pos[p] - cut) < margin for p in diff), (sorted(a - b), sorted(b - a))
 
 
-@pytest.mark.parametrize("n_ubatch,pool,window", [(512, 0, 1), (16, 0, 1), (16, 2, 1), (512, 0, 8)])
+@pytest.mark.parametrize("n_ubatch,pool,window", [(512, 0, 1), (16, 0, 1), (16, 2, 1), (512, 0, 8), (16, 0, 8)])
 def test_prefill_selection_matches_numpy_reference(tiny, n_ubatch, pool, window):
     m, hp, w = tiny
     tokens = _prompt(48)

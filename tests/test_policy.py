@@ -16,7 +16,7 @@ def test_lazy_prefill_default_and_equality():
     d = LazyPrefill()
     assert d == LazyPrefill(layers=[0.25, 0.5, 0.75], keep=[0.6, 0.4, 0.25])
     assert d.layers == (0.25, 0.5, 0.75) and d.keep == (0.6, 0.4, 0.25)
-    assert repr(d) == "LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25), pool=8, reselect=0, window=1)"
+    assert repr(d) == "LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25), pool=16, reselect=0, window=32)"
     assert hash(d) == hash(LazyPrefill())
     assert d != LazyPrefill(layers=[0.25], keep=[0.7])
 
