@@ -19,8 +19,11 @@ no meaning here:
 - an empty prompt is the BOS token; with ``stream`` and ``echo`` the prompt is the first chunk.
 - prefix reuse keeps the KV cache only when everything evaluated is a prefix of the new
   prompt (the engine cannot truncate its cache); otherwise it re-evaluates from scratch.
-- ``mirostat_mode`` != 0 and ``grammar`` raise ValueError (not implemented); ``tfs_z`` is
-  ignored, as llama-cpp-python 0.3.36 ignores it.
+- ``mirostat_mode`` != 0 raises ValueError (not implemented); ``tfs_z`` is ignored, as
+  llama-cpp-python 0.3.36 ignores it.
+- ``grammar`` runs libllama's grammar sampler over pylazy's logits (pylazy.grammar);
+  ``response_format`` (``json_object``, also with ``schema``, and OpenAI's ``json_schema``)
+  becomes such a grammar, in ``create_completion`` too (keyword-only there).
 """
 from __future__ import annotations
 
@@ -136,6 +139,15 @@ def _request_times(t0: float, t_first: Optional[float], t_end: float, n_generate
     steps = n_generated - 1
     return {"ttft_s": t_first - t0,
             "decode_tok_s": steps / (t_end - t_first) if steps > 0 and t_end > t_first else None}
+
+
+def _structured_output(grammar: Any, response_format: Any) -> Any:
+    """The grammar a call asks for: ``grammar`` or one made from ``response_format``."""
+    from .grammar import grammar_for_response_format
+    from_format = grammar_for_response_format(response_format)
+    if from_format is not None and grammar is not None:
+        raise ValueError("give grammar or a JSON response_format, not both")
+    return grammar if from_format is None else from_format
 
 
 class Llama:
@@ -515,7 +527,7 @@ class Llama:
 
     def _sampler(self, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                  frequency_penalty, presence_penalty, seed, logits_processor,
-                 logit_bias: Optional[Dict[Any, float]] = None) -> Sampler:
+                 logit_bias: Optional[Dict[Any, float]] = None, grammar=None) -> Sampler:
         if seed is None:  # llama-cpp-python: a per-call seed derived from the instance's
             seed = random.Random(self._seed).randint(0, 2 ** 32)
         processors = [] if logits_processor is None else [logits_processor]
@@ -528,6 +540,9 @@ class Llama:
                     scores[tok] += b
                 return scores
             processors.append(add_bias)
+        if grammar is not None:   # last, as llama-cpp-python's grammar follows its processors
+            from .grammar import GrammarMask
+            processors.append(GrammarMask(self._vocab._model.vocab, grammar))
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 typical_p=typical_p, repeat_penalty=repeat_penalty,
                                 frequency_penalty=frequency_penalty,
@@ -547,15 +562,14 @@ class Llama:
                           model: Optional[str] = None, stopping_criteria=None,
                           logits_processor=None, grammar=None,
                           logit_bias: Optional[Dict[int, float]] = None, *,
-                          lazy: Any = ..., recycle: Any = ...):
+                          lazy: Any = ..., recycle: Any = ..., response_format=None):
         """Complete a prompt; a dict shaped like llama-cpp-python's, or with stream=True an
         iterator of its chunks. ``max_tokens`` None or <= 0: up to the context's end.
         Raises ValueError before any work for bad arguments or a prompt that does not fit.
         """
         if mirostat_mode != 0:
             raise ValueError("mirostat sampling is not implemented in pylazy (mirostat_mode must be 0)")
-        if grammar is not None:
-            raise ValueError("grammar-constrained sampling is not implemented in pylazy")
+        grammar = _structured_output(grammar, response_format)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral)):
             raise TypeError(f"max_tokens must be an int or None, got {type(max_tokens).__name__}")
         if logprobs is not None:
@@ -565,7 +579,7 @@ class Llama:
         lazy, recycle = self._policies(lazy, recycle)
         sampler = self._sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                 frequency_penalty, presence_penalty, seed, logits_processor,
-                                logit_bias)
+                                logit_bias, grammar)
         stops = StopMatcher(stop).stops  # validates types
         prompt_tokens = self._prompt_tokens(prompt)
         n_ctx = self.n_ctx()
@@ -731,6 +745,8 @@ class Llama:
         import llama_cpp.llama_chat_format as chat_formats
         handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
                    or chat_formats.get_chat_completion_handler(self.chat_format))
+        # llama-cpp-python's handlers know only json_object: the grammar is made here, once
+        grammar, response_format = _structured_output(grammar, response_format), None
         # The handler calls self.create_completion without our keywords: pass them aside.
         self._call_policy = {"lazy": lazy, "recycle": recycle}
         try:
