@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -20,63 +15,12 @@ pytest.importorskip("sse_starlette")
 jsonschema = pytest.importorskip("jsonschema")
 
 from pylazy import LazyPrefill, Llama, Recycle  # noqa: E402
+from tests.server_process import request, start_server, stop_server  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 N_CTX = 512
 PROMPT = "The capital of France is"
 CHAT = [{"role": "system", "content": "You are a terse assistant."},
         {"role": "user", "content": "Name three primary colors."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(*args: str, timeout: float = 90.0):
-    """(process, base URL) of `python -m pylazy serve` from this checkout, once /health answers."""
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "pylazy", "serve", "--port", str(port), *args],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            status, body = request("GET", f"http://127.0.0.1:{port}", "/health")
-            if status == 200 and body["status"] == "ok":
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not come up")
-
-
-def stop_server(proc) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def request(method: str, base: str, path: str, body=None, raw: bytes = None, headers=None, timeout=120):
-    """(status, parsed JSON or text) of one plain HTTP request."""
-    host, port = base.split("//")[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    text = resp.read().decode()
-    conn.close()
-    try:
-        return resp.status, json.loads(text)
-    except json.JSONDecodeError:
-        return resp.status, text
 
 
 @pytest.fixture(scope="module")
