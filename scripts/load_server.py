@@ -47,7 +47,7 @@ def workload(n_clients: int, n_requests: int, disconnect_every: int):
             n = c * n_requests + i
             kind = "chat" if n % 2 else "completion"
             stream = (n // 2) % 2 == 0
-            drop = stream and disconnect_every > 0 and n % disconnect_every == disconnect_every - 1
+            drop = stream and disconnect_every > 0 and n % disconnect_every == 4   # n % 4 == 0: a stream
             jobs.append((c, i, kind, (c + i) % len(COMPLETIONS), stream, drop))
     return jobs
 
@@ -166,24 +166,25 @@ def start(server: str, model: str, n_ctx: int, parallel: int, log):
 
 def run_round(base: str, jobs, max_tokens: int, expected: dict, timeout: float, deadline: float) -> dict:
     results = []
+    t0 = time.perf_counter()
     lock = threading.Lock()
     by_client = {}
     for job in jobs:
         by_client.setdefault(job[0], []).append(job)
 
     def client(mine):
-        for _c, _i, kind, index, stream, drop in mine:
+        for client_id, _i, kind, index, stream, drop in mine:
             if time.monotonic() > deadline:
                 break
+            sent = time.perf_counter() - t0
             try:
                 r = one_request(base, kind, body_for(kind, index, stream, max_tokens), drop, timeout)
             except (OSError, ValueError) as exc:
                 r = {"status": None, "error": repr(exc), "dropped": False}
-            r.update(kind=kind, index=index, stream=stream, drop=drop)
+            r.update(kind=kind, index=index, stream=stream, drop=drop, client=client_id, sent_s=sent)
             with lock:
                 results.append(r)
 
-    t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(mine,)) for mine in by_client.values()]
     for t in threads:
         t.start()
@@ -209,7 +210,9 @@ def summarize(results, n_sent: int, wall: float, expected: dict) -> dict:
             "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
             "tok_s": sum(r["tokens"] for r in done) / wall, "req_s": len(done) / wall,
             "wrong_examples": [(r["kind"], r["index"], r["text"][:60]) for r in wrong[:3]],
-            "errors": [r.get("error") for r in results if r["status"] != 200][:3]}
+            "errors": [r.get("error") for r in results if r["status"] != 200][:3],
+            "requests": [{k: r.get(k) for k in ("client", "kind", "stream", "drop", "sent_s", "latency_s", "ttft_s",
+                                                "status")} for r in results]}
 
 
 def bench_server(server: str, args, jobs) -> dict:
@@ -293,7 +296,8 @@ def main() -> int:
         rep = bench_server(server, args, jobs)
         rep["label"] = f"pylazy serve --parallel {args.parallel}" if server == "pylazy" else "llama_cpp.server"
         reports.append(rep)
-        print(json.dumps({k: v for k, v in rep.items() if k != "rounds"}, default=str), file=sys.stderr)
+        print(json.dumps({k: v for k, v in rep.items() if k not in ("rounds", "warmup")}, default=str),
+              file=sys.stderr)
     print(table(reports))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "reports": reports}, indent=1))

@@ -277,3 +277,44 @@ def test_disconnect_stops_generation_and_frees_the_slot(server, llm):
     assert after["cancelled"] == before["cancelled"] + 2 and after["failed"] == before["failed"]
     status, ok = request("POST", server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0})
     assert status == 200 and ok["choices"][0]["text"] == expected_text(llm, max_tokens=12)
+
+
+def test_parallel_slots_queue_and_conversation_affinity(llm):
+    """--parallel 2: concurrent requests all answered right by both slots; a conversation's
+    next turn goes to the slot that holds it (its prompt comes from the cache)."""
+    import concurrent.futures
+    proc, base = start_server("--ctx", str(N_CTX), "--parallel", "2")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=120)
+        prompts = [PROMPT, "def fibonacci(n):", "Once upon a time,", "The three laws of motion are"] * 2
+        want = {}
+        for p in set(prompts):
+            llm.reset()
+            want[p] = expected_text(llm, p, max_tokens=12)
+
+        def ask(p):
+            out = client.completions.create(model="any", prompt=p, max_tokens=12, temperature=0)
+            return p, out.choices[0].text, out.model_extra["pylazy"]["slot"]
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(ask, prompts))
+        assert [text for _, text, _ in results] == [want[p] for p in prompts]
+        assert {slot for _, _, slot in results} == {0, 1}
+        # two conversations, one per slot; each second turn returns to its own slot
+        a = [{"role": "user", "content": "Name three primary colors."}]
+        b = [{"role": "user", "content": "Why is the sky blue? Answer in one sentence."}]
+        first = {}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for key, msgs in (("a", a), ("b", b)):
+                first[key] = pool.submit(client.chat.completions.create, model="any", messages=msgs,
+                                         max_tokens=16, temperature=0)
+            first = {k: f.result() for k, f in first.items()}
+        for key, msgs in (("a", a), ("b", b)):
+            reply = first[key].choices[0].message.content
+            turn = msgs + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Thanks!"}]
+            out = client.chat.completions.create(model="any", messages=turn, max_tokens=8, temperature=0)
+            assert out.model_extra["pylazy"]["slot"] == first[key].model_extra["pylazy"]["slot"]
+            assert out.model_extra["pylazy"]["reused_tokens"] >= first[key].usage.prompt_tokens
+        assert request("GET", base, "/health")[1]["requests"]["failed"] == 0
+    finally:
+        assert proc.poll() is None
+        stop_server(proc)

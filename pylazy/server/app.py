@@ -189,18 +189,25 @@ class Server:
         """Turn response_format into kw["grammar"]; refuse a grammar that does not parse."""
         param = "grammar"
         if "response_format" in kw:
-            param = "response_format"
-            if "grammar" in kw:
-                raise RequestError("give grammar or a JSON response_format, not both", param)
             try:
-                kw["grammar"] = grammar_for_response_format(kw.pop("response_format"))
+                from_format = grammar_for_response_format(kw.pop("response_format"))
             except ValueError as exc:
-                raise RequestError(f"response_format: {exc}", param) from None
+                raise RequestError(f"response_format: {exc}", "response_format") from None
+            if from_format is not None:
+                param = "response_format"
+                if "grammar" in kw:
+                    raise RequestError("give grammar or a JSON response_format, not both", param)
+                kw["grammar"] = from_format
         if kw.get("grammar") is not None:
             try:
                 GrammarMask(self._vocab._model.vocab, kw["grammar"]).close()
             except ValueError as exc:
                 raise RequestError(f"{param}: {exc}", param) from None
+
+    def close(self) -> None:
+        for job in list(self.jobs):   # running generations end within a decode step
+            job.cancel.set()
+        self._vocab.close()
 
     @staticmethod
     async def _watch_disconnect(request: Request) -> None:
@@ -253,6 +260,9 @@ class Server:
             while True:
                 kind, value = event
                 if kind == "chunk":
+                    if final is not None:   # not the last after all: keep the order
+                        yield json.dumps(final)
+                        final = None
                     if value["choices"] and value["choices"][0].get("finish_reason") is not None:
                         final = value
                     else:
@@ -302,8 +312,7 @@ def create_app(llamas: List[Any], model_name: str) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         yield
-        for job in list(server.jobs):   # stopping: running generations end within a step
-            job.cancel.set()
+        server.close()
 
     app = FastAPI(title="pylazy", docs_url="/docs", redoc_url=None, lifespan=lifespan)
     app.state.server = server
