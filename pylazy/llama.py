@@ -411,11 +411,13 @@ class Llama:
                  min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,
                  repeat_penalty: float = 1.0, reset: bool = True, frequency_penalty: float = 0.0,
                  presence_penalty: float = 0.0, logits_processor=None, stopping_criteria=None,
-                 seed: Optional[int] = None, *, lazy: Any = ..., recycle: Any = ...) -> Iterator[int]:
+                 seed: Optional[int] = None, grammar=None, *, lazy: Any = ...,
+                 recycle: Any = ...) -> Iterator[int]:
         """Yield sampled tokens forever (the caller stops), as llama-cpp-python's generate."""
         lazy, recycle = self._policies(lazy, recycle)
         sampler = self._sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty,
-                                frequency_penalty, presence_penalty, seed, logits_processor)
+                                frequency_penalty, presence_penalty, seed, logits_processor,
+                                None, grammar)
         tokens = self._prompt_tokens(list(tokens))
         if reset:
             logits, _ = self._sync_prompt(tokens, lazy, False)

@@ -104,7 +104,7 @@ def one_request(base: str, kind: str, body: dict, drop: bool, timeout: float) ->
                 out["ttft_s"] = time.perf_counter() - t0
             parts.append(piece)
             out["tokens"] += 1   # one chunk per token in both servers
-    conn.sock.close() if conn.sock else None
+    resp.close()   # a dropped stream: the socket closes now, mid-response
     conn.close()
     out["latency_s"] = time.perf_counter() - t0
     out["text"] = "".join(parts)

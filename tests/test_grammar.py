@@ -149,3 +149,15 @@ def test_mask_refuses_a_token_the_grammar_rejected(llm):
     with pytest.raises(ValueError, match="not allowed"):
         mask(np.append(prompt, rejected), np.zeros(llm.n_vocab(), dtype=np.float32))
     mask.close()
+
+
+def test_generate_takes_a_grammar(llm):
+    tokens = []
+    for token in llm.generate(llm.tokenize(PROMPTS[0].encode()), temp=0,
+                              grammar=LlamaGrammar.from_string(YES_NO)):
+        if llm._is_eog(token) or len(tokens) == 40:
+            break
+        tokens.append(token)
+    text = llm.detokenize(tokens).decode()
+    greedy = llm(PROMPTS[0], max_tokens=40, temperature=0, grammar=LlamaGrammar.from_string(YES_NO))
+    assert YES_NO_RE.fullmatch(text) and text == greedy["choices"][0]["text"]

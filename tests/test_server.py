@@ -192,6 +192,8 @@ BAD_CHATS = [
     ({}, 400, "messages"),
     ({"messages": "hello"}, 400, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ({"messages": [{"role": "user"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages"),
     ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}},
@@ -318,3 +320,19 @@ def test_parallel_slots_queue_and_conversation_affinity(llm):
     finally:
         assert proc.poll() is None
         stop_server(proc)
+
+
+def test_serve_command_line(capsys):
+    from pylazy import cli
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--parallel" in out and "--recycle-k" in out and "--n-ctx" in out
+    for bad, message in ((["--parallel", "0"], "--parallel"), (["--ctx", "-1"], "--ctx"),
+                         (["--port", "70000"], "--port"), (["--stride", "4"], "--recycle-k"),
+                         (["--lazy-layers", "100", "--lazy-keep", "0.5"], "pruning layer 100")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["serve", *bad])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert cli.main(["serve", "-m", "/no/such/model.gguf"]) == 2
+    assert "not found" in capsys.readouterr().err

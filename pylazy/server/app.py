@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import ValidationError
@@ -48,6 +49,8 @@ def _error_response(exc: BaseException, param: Optional[str] = None) -> JSONResp
         return JSONResponse(error_body(str(exc), param=param, code="context_length_exceeded"), status_code=400)
     if isinstance(exc, (ValueError, TypeError)):   # Llama's own checks of the arguments
         return JSONResponse(error_body(str(exc), param=param), status_code=400)
+    if isinstance(exc, jinja2.TemplateError):   # the model's chat template refused the messages
+        return JSONResponse(error_body(f"chat template: {exc}", param="messages"), status_code=400)
     return JSONResponse(error_body(f"{type(exc).__name__}: {exc}", "server_error"), status_code=500)
 
 

@@ -211,6 +211,8 @@ def _message_dict(msg: Message, index: int) -> Dict[str, Any]:
                                    f"got {part.type!r}", "messages")
             texts.append(part.text)
         content = "".join(texts)
+    if content is None and msg.role not in ("assistant", "function"):
+        raise RequestError(f"messages[{index}]: a {msg.role} message needs content", "messages")
     out: Dict[str, Any] = {"role": "system" if msg.role == "developer" else msg.role, "content": content}
     for key in ("name", "tool_calls", "tool_call_id", "function_call"):
         if getattr(msg, key) is not None:
