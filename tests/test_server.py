@@ -152,6 +152,9 @@ def test_logprobs_seed_stop(client, llm):
     stop = full.split()[2]
     cut = client.completions.create(model="any", prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop])
     assert cut.choices[0].text == full[:full.index(stop)] and cut.choices[0].finish_reason == "stop"
+    long_stop = full[len(full) // 2:]   # a stop string longer than a token or two, given as a str
+    cut = client.completions.create(model="any", prompt=PROMPT, max_tokens=24, temperature=0, stop=long_stop)
+    assert cut.choices[0].text == full[:full.index(long_stop)]
 
 
 BAD_COMPLETIONS = [   # (request body or raw bytes, status, param or code the error names)
@@ -167,6 +170,7 @@ BAD_COMPLETIONS = [   # (request body or raw bytes, status, param or code the er
     ({"prompt": ["a", "b"]}, 400, "prompt"),
     ({"prompt": [999999]}, 400, "prompt"),
     ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
     ({"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ({"prompt": "x", "lazy": {"layers": [0.25, 0.5], "keep": [0.3, 0.6]}}, 400, "lazy"),
