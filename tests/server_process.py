@@ -21,7 +21,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(*args: str, timeout: float = 90.0):
+def start_server(*args: str, timeout: float = 300.0):
     """(process, base URL) of `python -m pylazy serve` from this checkout, once /health answers."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -36,9 +36,9 @@ from .slots import Cancelled, Job, Slot, SlotPool, cancel_processor
 MAX_BODY_BYTES = 16 * 2 ** 20
 STATIC = Path(__file__).resolve().parent / "static"
 # the scalar counters of Llama.stats that a response reports (the per-layer lists stay home)
-STAT_KEYS = ("prompt_tokens", "reused_tokens", "prefill_s", "decode_s", "total_s", "generated_tokens",
-             "computed_fraction", "revived_tokens", "kv_bytes", "full_steps", "recycled_steps",
-             "recycle_k", "mean_query_similarity", "lazy_schedule")
+STAT_KEYS = ("prompt_tokens", "reused_tokens", "prefill_s", "decode_s", "total_s", "ttft_s", "decode_tok_s",
+             "generated_tokens", "computed_fraction", "revived_tokens", "kv_bytes", "full_steps",
+             "recycled_steps", "recycle_k", "mean_query_similarity", "lazy_schedule")
 
 
 def _error_response(exc: BaseException, param: Optional[str] = None) -> JSONResponse:
@@ -65,8 +65,6 @@ def _validation_message(exc: ValidationError) -> tuple:
 
 def _public_stats(stats: Dict[str, Any], slot: Slot, policy: Dict[str, Any]) -> Dict[str, Any]:
     out = {k: stats.get(k) for k in STAT_KEYS if k in stats}
-    decode_s, n = stats.get("decode_s") or 0.0, stats.get("generated_tokens") or 0
-    out["decode_tok_s"] = n / decode_s if n > 1 and decode_s > 0 else None
     out["slot"] = slot.index
     out["policy"] = policy
     return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Literal, Optional, Union
 
+from typing_extensions import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from ..policy import LazyPrefill, Recycle, StreamingWindow
@@ -57,7 +59,7 @@ class _Sampling(_Strict):
     presence_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: Number = Field(0.0, ge=-2.0, le=2.0)
     seed: Optional[StrictInt] = None
-    stop: Union[None, StrictStr, List[StrictStr]] = Field(None, max_length=16)
+    stop: Union[None, StrictStr, Annotated[List[StrictStr], Field(max_length=16)]] = None
     logit_bias: Optional[Dict[str, Number]] = None
     n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
     user: Optional[StrictStr] = None
