@@ -34,10 +34,9 @@ _WTYPES = {
     "q4_1": (GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),  # the default model's type
 }
 
-# Per-layer 2-D matrices shared by llama, qwen2, qwen3 and gemma3 (qwen2 adds q/k/v biases,
-# qwen3 a per-head RMS norm of q and k before RoPE, gemma3 those norms plus post-norms of the
-# attention and FFN outputs).
-_LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# Which optional tensors of the architecture table (pylazy.arch) the tiny models write besides
+# the required ones: qwen2 files carry q/k/v biases (and output.weight unless tied_output).
+_TINY_OPTIONAL = {"qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
 
 
 @functools.lru_cache(maxsize=4)
@@ -96,13 +95,12 @@ def make_tiny_model(
     layer, True = SWA; the default 2 makes layers 1, 3, ... global) and ``softcap``
     (final_logit_softcapping, 0: none).
 
-    Scales are chosen so activations stay O(1) through the stack while attention is
-    peaky (Q/K weights larger than the rest: per-head score std ~ 4 at head_dim 16),
-    so top-k token selection by attention is well separated, not a coin toss among
-    near-equal scores. ``wtype`` applies to every 2-D matrix (token_embd included);
-    norms and biases stay f32. Returns ``str(path)``.
+    Tensors: the architecture table's (pylazy.arch) with random weights (see _random_tensors:
+    peaky attention, so top-k selection is well separated). ``wtype`` applies to every 2-D
+    matrix (token_embd included); norms and biases stay f32. Returns ``str(path)``.
     """
-    if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+    from pylazy.arch import dim_sizes, table
+    if arch not in table().archs:
         raise ValueError(f"unsupported arch {arch!r}")
     if wtype not in _WTYPES:
         raise ValueError(f"wtype must be one of {sorted(_WTYPES)}, got {wtype!r}")
@@ -116,58 +114,10 @@ def make_tiny_model(
     n_vocab = next(len(v) for k, v, _, _ in tok_fields if k == "tokenizer.ggml.tokens")
     explicit_head_dim = head_dim is not None
     head_dim = head_dim or n_embd // n_head
-    rng = np.random.default_rng(seed)
 
-    def normal(shape, std):
-        return (rng.standard_normal(shape) * std).astype(np.float32)
-
-    def norm_weight(n):
-        # near 1 so RMSNorm keeps activations O(1), but not exactly 1 so a mix-up of
-        # norm tensors (or a missing norm) changes the output
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
-
-    # Q and K entries get std 2/sqrt(n_in) (0.25 at n_embd 64): q, k components of std ~2,
-    # so scores q.k/sqrt(head_dim) have std ~4 at any size: peaky attention. The other
-    # matrices 0.8/sqrt(n_in) (0.1 at 64): outputs of std ~0.8, activations stay O(1).
-    # Draw order is fixed, so one seed gives the same float weights for every wtype.
-    def w_std(name, n_in):
-        if name in ("attn_q", "attn_k"):
-            return 2.0 / math.sqrt(n_in)
-        return 0.8 / math.sqrt(n_in)
-
-    tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {}
-    # Embedding std 0.5: layer outputs are comparable, so every layer matters.
-    tensors["token_embd.weight"] = (normal((n_vocab, n_embd), 0.5), qtype)
-    shapes = {
-        "attn_q": (n_head * head_dim, n_embd),
-        "attn_k": (n_head_kv * head_dim, n_embd),
-        "attn_v": (n_head_kv * head_dim, n_embd),
-        "attn_output": (n_embd, n_head * head_dim),
-        "ffn_gate": (n_ff, n_embd),
-        "ffn_up": (n_ff, n_embd),
-        "ffn_down": (n_embd, n_ff),
-    }
-    for il in range(n_layer):
-        p = f"blk.{il}."
-        tensors[p + "attn_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
-        for name in _LAYER_MATRICES:
-            n_out, n_in = shapes[name]
-            tensors[p + name + ".weight"] = (normal((n_out, n_in), w_std(name, n_in)), qtype)
-        if arch == "qwen2":
-            for name in ("attn_q", "attn_k", "attn_v"):
-                n_out = shapes[name][0]
-                tensors[p + name + ".bias"] = (normal(n_out, 0.2), GGMLQuantizationType.F32)
-        if arch in ("qwen3", "gemma3"):
-            tensors[p + "attn_q_norm.weight"] = (norm_weight(head_dim), GGMLQuantizationType.F32)
-            tensors[p + "attn_k_norm.weight"] = (norm_weight(head_dim), GGMLQuantizationType.F32)
-        tensors[p + "ffn_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
-        if arch == "gemma3":
-            tensors[p + "post_attention_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
-            tensors[p + "post_ffw_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
-    tensors["output_norm.weight"] = (norm_weight(n_embd), GGMLQuantizationType.F32)
-    if not tied_output:
-        # logits std ~1.6: a clear but not saturated top-1
-        tensors["output.weight"] = (normal((n_vocab, n_embd), 1.6 / math.sqrt(n_embd)), qtype)
+    hp = {"n_embd": n_embd, "n_ff": n_ff, "head_dim": head_dim, "n_head": n_head, "n_head_kv": n_head_kv}
+    tensors = _random_tensors(arch, table().tensors, dim_sizes(hp, n_vocab), n_layer, qtype,
+                              tied_output, np.random.default_rng(seed))
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,6 +143,11 @@ def make_tiny_model(
             writer.add_final_logit_softcapping(softcap)
     writer.add_layer_norm_rms_eps(rms_eps)
     writer.add_vocab_size(n_vocab)
+    return _finish_tiny(writer, path, tok_fields, tensors)
+
+
+def _finish_tiny(writer: gguf.GGUFWriter, path, tok_fields, tensors: dict) -> str:
+    """The tokenizer's key/values and the tensors (converted to their types), then the file."""
     for key, value, vtype, sub_type in tok_fields:
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
     for name, (arr, tq) in tensors.items():
@@ -200,6 +155,45 @@ def make_tiny_model(
         raw = tq if tq not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) else None
         writer.add_tensor(name, data, raw_dtype=raw)
     return finish(writer, path)
+
+
+def _random_tensors(arch, specs, size, n_layer, qtype, tied_output, rng) -> dict:
+    """name -> (float32 numpy array, GGML type) of a tiny model, in the table's order: its
+    global tensors before the layers, the layers, then the rest (that order is the draw order,
+    so one seed gives the same float weights for every wtype).
+
+    Scales are chosen so activations stay O(1) through the stack while attention is peaky:
+    Q and K entries get std 2/sqrt(n_in) (0.25 at n_embd 64): q, k components of std ~2, so
+    scores q.k/sqrt(head_dim) have std ~4 at any size. The other matrices 0.8/sqrt(n_in) (0.1
+    at 64): outputs of std ~0.8. Embedding std 0.5 (layer outputs are comparable, so every
+    layer matters); output head std 1.6/sqrt(n_embd) (logits std ~1.6: a clear but not
+    saturated top-1). Norm weights near 1 so RMSNorm keeps activations O(1), but not exactly 1
+    so a mix-up of norm tensors (or a missing norm) changes the output; biases std 0.2.
+    """
+    written = [s for s in specs if arch in s.required or s.name in _TINY_OPTIONAL.get(arch, ())
+               or (s.name == "output.weight" and not tied_output)]
+    first_layer = next(i for i, s in enumerate(written) if s.per_layer)
+    layer_specs = [s for s in written if s.per_layer]
+    order = ([(s, None) for s in written[:first_layer] if not s.per_layer]
+             + [(s, il) for il in range(n_layer) for s in layer_specs]
+             + [(s, None) for s in written[first_layer:] if not s.per_layer])
+    out = {}
+    for spec, il in order:
+        ne0, ne1 = size[spec.dims[0]], size[spec.dims[1]]
+        if spec.dims[1] == "1":   # norms and biases stay f32
+            std = 0.2 if spec.name.endswith(".bias") else None
+            arr = rng.standard_normal(ne0) * std if std else 1.0 + 0.1 * rng.standard_normal(ne0)
+            out[spec.full_name(il or 0)] = (arr.astype(np.float32), GGMLQuantizationType.F32)
+            continue
+        if spec.name == "token_embd.weight":
+            std = 0.5
+        elif spec.name == "output.weight":
+            std = 1.6 / math.sqrt(ne0)
+        else:
+            std = (2.0 if spec.name in ("attn_q.weight", "attn_k.weight") else 0.8) / math.sqrt(ne0)
+        arr = (rng.standard_normal((ne1, ne0)) * std).astype(np.float32)   # numpy (n_out, n_in)
+        out[spec.full_name(il or 0)] = (arr, qtype)
+    return out
 
 
 def finish(writer: gguf.GGUFWriter, path) -> str:

@@ -2,6 +2,7 @@
 // so nothing thrown inside the engine ever crosses into Python.
 #include "pylazy.h"
 #include "context.h"
+#include "keep.h"
 #include "model.h"
 
 #include <algorithm>
@@ -139,6 +140,8 @@ int plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const flo
         plz::set_lazy(ctx->c, std::vector<int>(layers, layers + n), std::vector<float>(keep, keep + n), pool, window);
     });
 }
+
+int32_t plz_keep_count(float keep, int32_t n_total) { return plz::keep_count(keep, n_total); }
 
 int plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes) {
     return guarded([&] {

@@ -5,6 +5,7 @@
 #ifdef PLZ_CUDA_GATHER
 #include "gather_cuda.h"
 #endif
+#include "keep.h"
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -740,13 +741,6 @@ BatchResult run_segments(Context & c, const std::vector<Segment> & segs, float *
 template <typename Visible>
 BatchResult run_batch(Context & c, const Batch & b, Visible visible, float * logits_out) {
     return run_segments(c, {prepare_segment(c, b, visible)}, logits_out);
-}
-
-// How many of `n_total` tokens a stage with keep ratio `keep` holds: ceil(keep * n) with the product
-// rounded to 6 decimals first (so 0.7 * 10 is 7, not 8), at least 1. tests/reference.py uses the same rule.
-int keep_count(float keep, int n_total) {
-    const double prod = std::round((double) keep * n_total * 1e6) / 1e6;
-    return std::max(1, (int) std::ceil(prod));
 }
 
 std::vector<int32_t> cells_to_sorted_positions(const Stage & st, const std::vector<int32_t> & cells) {

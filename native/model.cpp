@@ -1,6 +1,7 @@
 // GGUF loading: metadata and tensor table through ggml's gguf API, every key and shape the
 // graph uses checked before any byte of tensor data is read.
 #include "model.h"
+#include "arch.h"
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -192,8 +193,7 @@ Hparams read_hparams(const GgufReader & r, const ggml_context * meta) {
     const ggml_tensor * emb = ggml_get_tensor(const_cast<ggml_context *>(meta), "token_embd.weight");
     if (!emb) throw load_error("missing tensor 'token_embd.weight'");
     hp.n_vocab = (int) emb->ne[1];
-    // llama rotates adjacent pairs; qwen2/qwen3/gemma3 rotate dimension i with i + rope_dim/2 (NEOX).
-    hp.rope_mode = hp.arch == "llama" ? GGML_ROPE_TYPE_NORMAL : GGML_ROPE_TYPE_NEOX;
+    hp.rope_mode = arch_list()[find_arch(hp.arch)].rope_neox ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
     hp.kq_scale = 1.0f / std::sqrt((float) hp.head_dim);
     if (hp.arch == "gemma3") read_gemma3(r, hp);
     return hp;
@@ -206,6 +206,21 @@ struct TensorPlan {
 };
 
 }  // namespace
+
+// A TensorRow dimension's size for these hyper-parameters.
+static int64_t dim_size(const Hparams & hp, Dim d) {
+    switch (d) {
+        case DIM_1: return 1;
+        case DIM_EMBD: return hp.n_embd;
+        case DIM_VOCAB: return hp.n_vocab;
+        case DIM_FF: return hp.n_ff;
+        case DIM_HEAD: return hp.head_dim;
+        case DIM_Q: return (int64_t) hp.head_dim * hp.n_head;
+        case DIM_KV: return (int64_t) hp.head_dim * hp.n_head_kv;
+        case DIM_ROPE_HALF: return hp.rope_dim / 2;
+    }
+    throw Error(PLZ_ERR_RUNTIME, "unknown tensor dimension in the architecture table");
+}
 
 Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     FILE * probe = std::fopen(path.c_str(), "rb");
@@ -224,9 +239,8 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     GgufReader r{g, ""};
     r.arch = r.get_str("general.architecture");
     if (r.arch.empty()) throw load_error("missing metadata 'general.architecture'");
-    if (r.arch != "llama" && r.arch != "qwen2" && r.arch != "qwen3" && r.arch != "gemma3") {
-        throw load_error("unsupported architecture '" + r.arch + "' (supported: llama, qwen2, qwen3, gemma3)");
-    }
+    const int arch = find_arch(r.arch);
+    if (arch < 0) throw load_error("unsupported architecture '" + r.arch + "' (supported: " + arch_names() + ")");
 
     std::unique_ptr<Model> m(new Model());
     m->hp = read_hparams(r, meta);
@@ -258,45 +272,23 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
         plan.push_back({t, dst, on_cpu});
         return true;
     };
-    const int E = hp.n_embd, D = hp.head_dim, QD = D * hp.n_head, KVD = D * hp.n_head_kv;
-    want("token_embd.weight", {E, hp.n_vocab}, &m->tok_embd, true);
-    want("output_norm.weight", {E}, &m->output_norm, false);
-    m->tied_output = !want("output.weight", {E, hp.n_vocab}, &m->output, false, false);
-    const bool gemma = hp.arch == "gemma3";
-    if (!gemma) want("rope_freqs.weight", {hp.rope_dim / 2}, &m->rope_freqs, false, false);  // llama3 only
-    const bool qk_norm = hp.arch == "qwen3" || gemma;
+    // Every tensor of the architecture table this arch has, bound to its field; absent optional
+    // ones stay null (output.weight absent: the head is tied to the embeddings).
+    const uint32_t bit = 1u << arch;
     m->layers.resize(hp.n_layer);
-    for (int il = 0; il < hp.n_layer; ++il) {
-        LayerWeights & L = m->layers[il];
-        std::string p = "blk." + std::to_string(il) + ".";
-        want(p + "attn_norm.weight", {E}, &L.attn_norm, false);
-        want(p + "attn_q.weight", {E, QD}, &L.wq, false);
-        want(p + "attn_k.weight", {E, KVD}, &L.wk, false);
-        want(p + "attn_v.weight", {E, KVD}, &L.wv, false);
-        want(p + "attn_output.weight", {QD, E}, &L.wo, false);
-        want(p + "ffn_norm.weight", {E}, &L.ffn_norm, false);
-        want(p + "ffn_gate.weight", {E, hp.n_ff}, &L.ffn_gate, false);
-        want(p + "ffn_up.weight", {E, hp.n_ff}, &L.ffn_up, false);
-        want(p + "ffn_down.weight", {hp.n_ff, E}, &L.ffn_down, false);
-        if (gemma) {
-            want(p + "post_attention_norm.weight", {E}, &L.attn_post_norm, false);
-            want(p + "post_ffw_norm.weight", {E}, &L.ffn_post_norm, false);
-        } else {
-            // Biases are optional in llama/qwen (llama.cpp loads them when present; qwen2 files have
-            // q/k/v); llama.cpp's gemma3 has none (gguf_check rejects them there).
-            want(p + "attn_q.bias", {QD}, &L.bq, false, false);
-            want(p + "attn_k.bias", {KVD}, &L.bk, false, false);
-            want(p + "attn_v.bias", {KVD}, &L.bv, false, false);
-            want(p + "attn_output.bias", {E}, &L.bo, false, false);
-            want(p + "ffn_gate.bias", {hp.n_ff}, &L.b_gate, false, false);
-            want(p + "ffn_up.bias", {hp.n_ff}, &L.b_up, false, false);
-            want(p + "ffn_down.bias", {E}, &L.b_down, false, false);
+    for (const TensorRow & row : tensor_rows()) {
+        if (!(row.present & bit)) continue;
+        const std::vector<int64_t> shape = {dim_size(hp, row.ne0), dim_size(hp, row.ne1)};
+        const bool required = row.required & bit;
+        if (!row.per_layer) {
+            want(row.name, shape, &(m.get()->*row.model_field), row.on_cpu, required);
+            continue;
         }
-        if (qk_norm) {
-            want(p + "attn_q_norm.weight", {D}, &L.q_norm, false);
-            want(p + "attn_k_norm.weight", {D}, &L.k_norm, false);
+        for (int il = 0; il < hp.n_layer; ++il) {
+            want("blk." + std::to_string(il) + "." + row.name, shape, &(m->layers[il].*row.layer_field), false, required);
         }
     }
+    m->tied_output = ggml_get_tensor(meta, "output.weight") == nullptr;   // (fields are set below, from the plan)
     for (const auto & tp : plan) {
         if (ggml_n_dims(tp.meta) == 1 && tp.meta->type != GGML_TYPE_F32) {
             throw load_error(std::string("norm tensor '") + tp.meta->name + "' must be F32");
@@ -327,9 +319,10 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     ggml_tensor * out_copy_src = nullptr;
     if (m->tied_output) {
         if (m->backend_gpu) {
-            m->output = ggml_dup_tensor(m->ctx_dev, plan[0].meta);
+            ggml_tensor * emb_meta = ggml_get_tensor(meta, "token_embd.weight");
+            m->output = ggml_dup_tensor(m->ctx_dev, emb_meta);
             ggml_set_name(m->output, "output.weight(tied)");
-            out_copy_src = plan[0].meta;
+            out_copy_src = emb_meta;
         } else {
             m->output = m->tok_embd;
         }

@@ -57,6 +57,29 @@ PLZ_API int  plz_model_get_info(const plz_model * model, plz_model_info * info);
 // flags[il] = 1 where layer il is a sliding-window layer (n_layer entries).
 PLZ_API int  plz_model_swa_layers(const plz_model * model, int32_t * flags);
 
+// The architecture table (native/arch.h): the supported architectures and, for each tensor their
+// graph may read, its name, shape and which architectures have or need it. Static data, no model.
+#define PLZ_DIM_1          0   // a tensor dimension in hyper-parameters: 1 (ne1 of a vector)
+#define PLZ_DIM_EMBD       1   // n_embd
+#define PLZ_DIM_VOCAB      2   // n_vocab
+#define PLZ_DIM_FF         3   // n_ff
+#define PLZ_DIM_HEAD       4   // head_dim
+#define PLZ_DIM_Q          5   // head_dim * n_head
+#define PLZ_DIM_KV         6   // head_dim * n_head_kv
+#define PLZ_DIM_ROPE_HALF  7   // rope dimension count / 2
+typedef struct plz_arch_tensor_info {
+    const char * name;      // per-layer tensors: the name after "blk.<il>."
+    int32_t  per_layer;
+    int32_t  ne[2];         // PLZ_DIM_* of the ggml shape [ne0, ne1]
+    uint32_t present;       // bit i: architecture i has it (required or optional)
+    uint32_t required;      // bit i: architecture i must have it
+} plz_arch_tensor_info;
+PLZ_API int32_t      plz_arch_count(void);
+PLZ_API const char * plz_arch_name(int32_t i);        // general.architecture of architecture i
+PLZ_API int32_t      plz_arch_rope_neox(int32_t i);   // 1: NEOX RoPE (dims i, i + n_rot/2), 0: adjacent pairs
+PLZ_API int32_t      plz_arch_tensor_count(void);
+PLZ_API int          plz_arch_tensor(int32_t i, plz_arch_tensor_info * out);
+
 PLZ_API int  plz_context_new(plz_model * model, const plz_context_params * params, plz_context ** out);
 PLZ_API void plz_context_free(plz_context * ctx);
 PLZ_API int  plz_context_set_threads(plz_context * ctx, int32_t n_threads);
@@ -73,14 +96,19 @@ PLZ_API int  plz_truncate(plz_context * ctx, int32_t n);
 // max-pooled over +-pool cells; window (>= 1): scores from the attention of the batch's last `window` rows.
 PLZ_API int  plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const float * keep, int32_t pool,
                           int32_t window);
+// How many of n_total tokens a stage with keep ratio `keep` holds (the rule set_lazy's stages use).
+PLZ_API int32_t plz_keep_count(float keep, int32_t n_total);
 
 // Per layer (arrays of n_layer): tokens holding a KV cell (computed there), tokens revived there since
 // the last reset, and KV bytes allocated. Any pointer may be null.
 PLZ_API int  plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes);
 PLZ_API int  plz_n_past(const plz_context * ctx);
 
-// Recycled attention. mode: 0 off, 1 top-k by attention (Recycle), 2 sinks + recent window
-// (StreamingWindow: k = sinks + window). tail_cap: tokens decoded between refreshes (the stride).
+#define PLZ_RECYCLE_OFF     0
+#define PLZ_RECYCLE_TOPK    1
+#define PLZ_RECYCLE_WINDOW  2
+// Recycled attention. mode: PLZ_RECYCLE_OFF, _TOPK (top-k by attention: Recycle) or _WINDOW (sinks +
+// recent window: StreamingWindow, k = sinks + window). tail_cap: tokens decoded between refreshes (the stride).
 // pool (mode 1): before the top-k, each cell's score becomes the max over the cells within `pool` of it,
 // so the neighbours of an attended token come along (0: plain top-k as in the paper).
 // share (mode 1, [0, 1]): each (layer, KV head) score adds share x the cell's best score over all

@@ -19,6 +19,10 @@ PLZ_STEP_FULL = 0
 PLZ_STEP_RECYCLED = 1
 PLZ_STEP_SELECT = 2
 
+PLZ_RECYCLE_OFF = 0
+PLZ_RECYCLE_TOPK = 1
+PLZ_RECYCLE_WINDOW = 2
+
 
 class ModelParams(ctypes.Structure):
     _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32)]
@@ -38,6 +42,15 @@ class ModelInfo(ctypes.Structure):
         ("backend", ctypes.c_char * 64),
         ("n_swa", ctypes.c_int32), ("n_swa_layers", ctypes.c_int32),
     ]
+
+
+class ArchTensorInfo(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("per_layer", ctypes.c_int32), ("ne", ctypes.c_int32 * 2),
+                ("present", ctypes.c_uint32), ("required", ctypes.c_uint32)]
+
+
+# PLZ_DIM_* (a tensor dimension in hyper-parameters), in code order
+PLZ_DIMS = ("1", "n_embd", "n_vocab", "n_ff", "head_dim", "q", "kv", "rope_half")
 
 
 class ContextParams(ctypes.Structure):
@@ -98,6 +111,12 @@ _sigs = {
     "plz_layer_stats": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32), ctypes.POINTER(ctypes.c_int64),
                                        ctypes.POINTER(ctypes.c_uint64)]),
     "plz_model_swa_layers": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_int32)]),
+    "plz_arch_count": (ctypes.c_int32, []),
+    "plz_arch_name": (ctypes.c_char_p, [ctypes.c_int32]),
+    "plz_arch_rope_neox": (ctypes.c_int32, [ctypes.c_int32]),
+    "plz_arch_tensor_count": (ctypes.c_int32, []),
+    "plz_arch_tensor": (ctypes.c_int, [ctypes.c_int32, ctypes.POINTER(ArchTensorInfo)]),
+    "plz_keep_count": (ctypes.c_int32, [ctypes.c_float, ctypes.c_int32]),
     "plz_op_profile_reset": (None, []),
     "plz_context_take_profile": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]),
     "plz_op_profile_report": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_int32]),

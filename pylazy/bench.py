@@ -486,11 +486,12 @@ def run_bench(args: argparse.Namespace) -> dict:
         if "prefill" in plan.rows:
             result["prefill"] = prefill_rows(eng, tokens, plan.prefill, repeat, tick)
         if "decode" in plan.rows:
+            from .generate import configure_recycle
             ref_cache: dict = {}  # llama.cpp runs full attention for both policies: measure it once per depth
             result["decode"] = [row for policy in ("full", "recycled")
                                 for row in decode_rows(policy, eng, tokens, plan.depths, args.decode_steps, repeat, tick,
                                                        ref_cache=ref_cache)]
-            eng.ctx.set_recycle(0)
+            configure_recycle(eng.ctx, None)
         if "ttft" in plan.rows:
             result["ttft"] = ttft_rows(eng, tokens, plan.ttft, plan.lazies, repeat, tick)
         if "request" in plan.rows:

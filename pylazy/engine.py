@@ -9,15 +9,42 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from enum import IntEnum
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import _native as N
+from .arch import supported_archs
 from .errors import ContextOverflowError, ModelLoadError, PylazyError
 from .gguf_check import check_gguf
+from .policy import StepKind
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHS = supported_archs()   # the engine's architecture table (native/arch.cpp)
+
+
+class RecycleMode(IntEnum):
+    """What the recycled cache holds (plz_set_recycle's mode)."""
+
+    OFF = N.PLZ_RECYCLE_OFF        # no recycled cache: every decode step attends to everything
+    TOPK = N.PLZ_RECYCLE_TOPK      # per layer and KV head the top-k tokens by attention (Recycle)
+    WINDOW = N.PLZ_RECYCLE_WINDOW  # sinks + the most recent window (StreamingWindow)
+
+
+class RecycleConfig(NamedTuple):
+    """Context.set_recycle's arguments (pylazy.generate.recycle_config makes one from a policy)."""
+
+    mode: RecycleMode = RecycleMode.OFF
+    k: int = 0
+    tail: int = 0
+    sinks: int = 0
+    pool: int = 0
+    share: float = 0.0
+
+
+# The engine's code of each decode step kind (PLZ_STEP_*).
+_STEP_CODES = {StepKind.FULL: N.PLZ_STEP_FULL, StepKind.RECYCLED: N.PLZ_STEP_RECYCLED,
+               StepKind.SELECT: N.PLZ_STEP_SELECT}
 
 
 def _raise_for(code: int, what: str) -> None:
@@ -144,9 +171,7 @@ class Context(_Owned):
         self.lazy_schedule: list = []
         self.lazy_pool = 0
         self.lazy_window = 1
-        self.recycle_mode = 0
-        self._recycle_k = 0
-        self.recycle_config: Tuple[int, int, int, int, int, float] = (0, 0, 0, 0, 0, 0.0)   # set_recycle's
+        self.recycle_config = RecycleConfig()   # what set_recycle last set
         self._h = ctypes.c_void_p()
         params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0))
         _raise_for(N.lib.plz_context_new(model.handle, ctypes.byref(params), ctypes.byref(self._h)), "cannot create context")
@@ -200,28 +225,27 @@ class Context(_Owned):
         self.lazy_pool = int(pool)
         self.lazy_window = int(window)
 
-    def set_recycle(self, mode: int = 0, k: int = 0, tail: int = 0, sinks: int = 0, pool: int = 0,
-                    share: float = 0.0) -> None:
-        """Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window (StreamingLLM);
-        k tokens kept per KV head (sinks included), tail = tokens decoded between refreshes (stride);
-        pool: scores max-pooled over +-pool neighbouring cells before the top-k (mode 1);
-        share: each (layer, KV head) score adds share x the cell's best score over all layers (mode 1)."""
+    def set_recycle(self, mode: RecycleMode = RecycleMode.OFF, k: int = 0, tail: int = 0, sinks: int = 0,
+                    pool: int = 0, share: float = 0.0) -> None:
+        """Recycled attention (see RecycleMode); k tokens kept per KV head (sinks included), tail =
+        tokens decoded between refreshes (stride); pool: scores max-pooled over +-pool neighbouring
+        cells before the top-k (TOPK); share: each (layer, KV head) score adds share x the cell's
+        best score over all layers (TOPK). From a decode policy: pylazy.generate.configure_recycle."""
         _raise_for(N.lib.plz_set_recycle(self.handle, int(mode), int(k), int(tail), int(sinks), int(pool), float(share)),
                    "set_recycle")
-        self.recycle_mode = int(mode)
-        self._recycle_k = int(k)
-        self.recycle_config = (int(mode), int(k), int(tail), int(sinks), int(pool), float(share))
+        self.recycle_config = RecycleConfig(RecycleMode(mode), int(k), int(tail), int(sinks), int(pool),
+                                            float(share))
 
-    def decode(self, token: int, recycled: bool = False, similarity: bool = False, select: bool = False):
-        """One token as the stride policy says. Returns (logits [n_vocab], ran_recycled, sims or None),
-        sims: per-layer cosine similarity of the query with the last refresh's (NaN where not computed).
-        select (after a lazy prefill, full steps only): re-select and revive at every stage boundary;
-        otherwise each stage attends to its last selection plus the tokens since."""
+    def decode(self, token: int, kind: StepKind = StepKind.FULL, similarity: bool = False):
+        """One token as `kind` says (RECYCLED falls back to a full step when there is no valid
+        recycled cache; SELECT, after a lazy prefill: re-select and revive at every stage boundary,
+        where FULL lets each stage attend to its last selection plus the tokens since).
+        Returns (logits [n_vocab], ran_recycled, sims or None), sims: per-layer cosine similarity
+        of the query with the last refresh's (NaN where not computed)."""
         logits = np.empty(self.n_vocab, dtype=np.float32)
         sims = np.full(self.model.info.n_layer, np.nan, dtype=np.float32) if similarity else None
         ran = ctypes.c_int32()
-        kind = N.PLZ_STEP_RECYCLED if recycled else (N.PLZ_STEP_SELECT if select else N.PLZ_STEP_FULL)
-        code = N.lib.plz_decode(self.handle, int(token), kind,
+        code = N.lib.plz_decode(self.handle, int(token), _STEP_CODES[StepKind(kind)],
                                 _f32p(logits), _f32p(sims) if sims is not None else None, ctypes.byref(ran))
         _raise_for(code, "decode")
         return logits, ran.value == N.PLZ_STEP_RECYCLED, sims
@@ -234,7 +258,7 @@ class Context(_Owned):
     def recycle_positions(self, layer: int) -> np.ndarray:
         """Positions kept per KV head at `layer` by the last refresh, [n_head_kv, k] (-1: stage kept all)."""
         info = self.model.info
-        out = np.zeros((info.n_head_kv, self._recycle_k), dtype=np.int32)
+        out = np.zeros((info.n_head_kv, self.recycle_config.k), dtype=np.int32)
         _raise_for(N.lib.plz_recycle_positions(self.handle, int(layer), _i32p(out)), "recycle_positions")
         return out
 

@@ -21,7 +21,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 
 import numpy as np
 
-from .policy import (LazyPrefill, Recycle, ReselectSchedule, StreamingWindow, make_stride_policy,
+from .engine import RecycleConfig, RecycleMode
+from .policy import (LazyPrefill, Recycle, ReselectSchedule, StepKind, StreamingWindow, make_stride_policy,
                      snap_to_global_layers)
 
 RecyclePolicy = Union[None, Recycle, StreamingWindow]
@@ -114,13 +115,13 @@ def prefill(cache: ContextCache, tokens: List[int], lazy: Optional[LazyPrefill],
 
 
 # ----- policy -> engine ----------------------------------------------------------------------
-def recycle_config(recycle: RecyclePolicy) -> Tuple[int, int, int, int, int, float]:
-    """Context.set_recycle's arguments for a decode policy: (mode, k, tail, sinks, pool, share)."""
+def recycle_config(recycle: RecyclePolicy) -> RecycleConfig:
+    """The engine's recycled-cache settings for a decode policy (the one translation)."""
     if recycle is None:
-        return (0, 0, 0, 0, 0, 0.0)
+        return RecycleConfig()
     if isinstance(recycle, StreamingWindow):
-        return (2, recycle.sinks + recycle.window, recycle.stride, recycle.sinks, 0, 0.0)
-    return (1, recycle.k, recycle.stride, 0, recycle.pool, float(recycle.share))
+        return RecycleConfig(RecycleMode.WINDOW, recycle.sinks + recycle.window, recycle.stride, recycle.sinks)
+    return RecycleConfig(RecycleMode.TOPK, recycle.k, recycle.stride, 0, recycle.pool, float(recycle.share))
 
 
 def configure_recycle(ctx: Any, recycle: RecyclePolicy) -> None:
@@ -167,16 +168,14 @@ def prefill_stats(layer_stats: Dict[str, list], now: Dict[str, list], n_prompt: 
 
 
 # ----- the loop ------------------------------------------------------------------------------
-def decode_step(cache: ContextCache, token: int, recycled: bool, similarity: bool,
-                select: bool = False) -> Tuple[np.ndarray, Optional[float]]:
-    """Evaluate one generated token; (its logits, the mean query similarity or None).
+def decode_step(cache: ContextCache, token: int, kind: StepKind,
+                similarity: bool) -> Tuple[np.ndarray, Optional[float]]:
+    """Evaluate one generated token as `kind` says; (its logits, the mean query similarity or None).
 
     The similarity is the mean over the layers where the engine computed it, and only when a
-    recycled step ran and was asked for it. select: after a lazy prefill, re-select at the
-    pruning layers (LazyPrefill.reselect).
+    recycled step ran and was asked for it.
     """
-    logits, ran_recycled, sims = cache.ctx.decode(token, recycled=recycled, similarity=similarity,
-                                                  select=select)
+    logits, ran_recycled, sims = cache.ctx.decode(token, kind, similarity=similarity)
     mean = None
     if ran_recycled and sims is not None and np.isfinite(sims).any():
         mean = float(np.nanmean(sims))
@@ -202,8 +201,8 @@ def generate_step(cache: ContextCache, logits: Optional[np.ndarray], sampler: To
     policy = make_stride_policy(recycle)
     policy.reset()
     configure_recycle(cache.ctx, recycle)
-    mode, k = cache.ctx.recycle_config[:2]
-    stats.recycle_k = k if mode else None
+    config = cache.ctx.recycle_config
+    stats.recycle_k = config.k if config.mode != RecycleMode.OFF else None
     start = cache.ctx.recycle_stats()
     reselect = ReselectSchedule(cache.reselect_every if cache.ctx.lazy_schedule else 0)
     try:
@@ -214,9 +213,9 @@ def generate_step(cache: ContextCache, logits: Optional[np.ndarray], sampler: To
                 return
             yield token, logits
             history.append(token)
-            step = policy.next_step()
-            logits, similarity = decode_step(cache, token, step.kind == "recycled", step.check_similarity,
-                                             reselect.select(step.kind == "full"))
+            step = policy.next_step()   # the step's kind, decided here once
+            kind = reselect.kind(step.kind)
+            logits, similarity = decode_step(cache, token, kind, step.check_similarity)
             if similarity is not None:
                 stats.similarities.append(similarity)
             if step.check_similarity:

@@ -27,12 +27,10 @@ no meaning here:
 """
 from __future__ import annotations
 
-import codecs
 import os
 import random
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from numbers import Integral
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -40,11 +38,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .engine import Context, Model
+from .completion import Job, run_completion
 from .errors import ModelLoadError, PylazyError
-from .generate import ContextCache, Forced, RecyclePolicy, StepStats, generate_step, prefill, prefill_stats
+from .generate import ContextCache, RecyclePolicy, StepStats, generate_step, prefill, prefill_stats
 from .models import resolve_model_path
-from .policy import LazyPrefill, Recycle, StreamingWindow
-from .sampling import Sampler, SamplingParams, StopMatcher, log_softmax
+from .perplexity import perplexity
+from .sampling import Sampler, SamplingParams, StopMatcher
+from .validate import Lazy, check_int, check_lazy, check_recycle
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
 
@@ -65,8 +65,6 @@ _DEFAULT_ONLY_KWARGS: Dict[str, Any] = {
     "lora_base": None, "lora_scale": 1.0, "lora_path": None, "draft_model": None,
     "tokenizer": None, "type_k": None, "type_v": None, "spm_infill": False,
 }
-
-Lazy = Optional[LazyPrefill]
 
 
 class _ClosedVocab:
@@ -91,54 +89,6 @@ class LlamaState:
     scores: np.ndarray             # float32 [1, n_vocab] ([0, n_vocab] when n_tokens == 0)
     n_tokens: int
     seed: int
-
-
-@dataclass
-class _Job:
-    """One validated completion request."""
-
-    prompt: Union[str, List[int]]
-    prompt_tokens: List[int]
-    max_tokens: int
-    sampler: Sampler
-    stop: List[str]
-    stream: bool
-    echo: bool
-    suffix: Optional[str]
-    logprobs: Optional[int]
-    stopping_criteria: Optional[Callable[[np.ndarray, np.ndarray], bool]]
-    model_name: str
-    lazy: Lazy
-    recycle: RecyclePolicy
-
-
-def _check_lazy(lazy: Any) -> Lazy:
-    if lazy is not None and not isinstance(lazy, LazyPrefill):
-        raise TypeError(f"lazy must be a pylazy.LazyPrefill or None, got {type(lazy).__name__}")
-    return lazy
-
-
-def _check_recycle(recycle: Any) -> RecyclePolicy:
-    if recycle is not None and not isinstance(recycle, (Recycle, StreamingWindow)):
-        raise TypeError("recycle must be a pylazy.Recycle, pylazy.StreamingWindow or None, "
-                        f"got {type(recycle).__name__}")
-    return recycle
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _request_times(t0: float, t_first: Optional[float], t_end: float, n_generated: int) -> Dict[str, Any]:
-    """TTFT (prompt to the first token drawn) and the decode rate after it: the first token comes
-    from the prefill's logits, each later one from a decode step."""
-    if t_first is None:
-        return {"ttft_s": None, "decode_tok_s": None}
-    steps = n_generated - 1
-    return {"ttft_s": t_first - t0,
-            "decode_tok_s": steps / (t_end - t_first) if steps > 0 and t_end > t_first else None}
 
 
 def _structured_output(grammar: Any, response_format: Any) -> Any:
@@ -174,14 +124,14 @@ class Llama:
             if value != _DEFAULT_ONLY_KWARGS[name]:
                 raise ValueError(f"Llama({name}={value!r}) is not supported by pylazy "
                                  f"(only the default {_DEFAULT_ONLY_KWARGS[name]!r})")
-        n_ctx = _check_int("n_ctx", n_ctx, 0)
-        n_batch = _check_int("n_batch", n_batch, 1)
-        n_ubatch = _check_int("n_ubatch", n_ubatch, 1)
-        self.last_n_tokens_size = _check_int("last_n_tokens_size", last_n_tokens_size, 0)
+        n_ctx = check_int("n_ctx", n_ctx, 0)
+        n_batch = check_int("n_batch", n_batch, 1)
+        n_ubatch = check_int("n_ubatch", n_ubatch, 1)
+        self.last_n_tokens_size = check_int("last_n_tokens_size", last_n_tokens_size, 0)
         if n_threads is not None:
-            _check_int("n_threads", n_threads, 1)
-        self.lazy = _check_lazy(lazy)
-        self.recycle = _check_recycle(recycle)
+            check_int("n_threads", n_threads, 1)
+        self.lazy = check_lazy(lazy)
+        self.recycle = check_recycle(recycle)
         self.verbose = bool(verbose)
         self.model_path = resolve_model_path(model_path)
         self._closed = True
@@ -448,53 +398,7 @@ class Llama:
         "decode_s", "decode_tok_s", "reused_tokens", "mean_query_similarity"}; ``stats``
         holds the same counters as after a completion.
         """
-        if isinstance(text, (bytes, bytearray)):
-            raise TypeError("perplexity() takes a str or token ids, not bytes (decode it first)")
-        if not isinstance(text, str) and not isinstance(text, Sequence) \
-                and not isinstance(text, np.ndarray):
-            raise TypeError(f"perplexity() takes a str or a sequence of token ids, got "
-                            f"{type(text).__name__}")
-        lazy, recycle = self._policies(lazy, recycle)
-        tokens = self._prompt_tokens(text if isinstance(text, str) else list(text))
-        if len(tokens) < 2:
-            raise ValueError(f"perplexity needs at least 2 tokens, got {len(tokens)}")
-        n_context = len(tokens) // 2 if n_context is None else _check_int("n_context", n_context, 1)
-        if n_context >= len(tokens):
-            raise ValueError(f"n_context ({n_context}) must leave tokens to score "
-                             f"(the text has {len(tokens)})")
-        if len(tokens) - 1 > self.n_ctx():   # the last token is scored, never evaluated
-            raise ValueError(f"perplexity of {len(tokens)} tokens evaluates {len(tokens) - 1}; "
-                             f"they exceed the context window of {self.n_ctx()}")
-        context, forced = tokens[:n_context], tokens[n_context:]
-        t0 = time.perf_counter()
-        row, reused = self._perplexity_context(context, lazy)
-        t1 = time.perf_counter()
-        nlls = np.empty(len(forced), dtype=np.float64)
-        # generation's own loop, with a "sampler" that draws the text's next token
-        step_stats = StepStats()
-        steps = generate_step(self._cache, row, Forced(forced), recycle=recycle, stats=step_stats)
-        try:
-            for i, (token, logits) in enumerate(steps):
-                x = logits.astype(np.float64)
-                top = x.max()
-                nlls[i] = top + np.log(np.exp(x - top).sum()) - x[token]
-                if i == len(forced) - 1:
-                    break   # before the loop evaluates it
-        finally:
-            steps.close()
-        t2 = time.perf_counter()
-        self.stats = {"prompt_tokens": n_context, "reused_tokens": reused, "prefill_s": t1 - t0,
-                      "decode_s": t2 - t1, "forced_tokens": len(forced), "total_s": t2 - t0,
-                      **self._engine_stats(step_stats)}
-        nll = float(nlls.sum())
-        n_steps = len(forced) - 1
-        return {"ppl": float(np.exp(nll / len(forced))), "nll": nll, "n_tokens": len(forced),
-                "n_context": n_context, "nlls": nlls,
-                "full_steps": self.stats["full_steps"], "recycled_steps": self.stats["recycled_steps"],
-                "prefill_s": t1 - t0, "decode_s": t2 - t1,
-                "decode_tok_s": n_steps / (t2 - t1) if n_steps and t2 > t1 else None,
-                "reused_tokens": reused,
-                "mean_query_similarity": self.stats["mean_query_similarity"]}
+        return perplexity(self, text, n_context, lazy, recycle)
 
     def _perplexity_context(self, context: List[int], lazy: Lazy) -> Tuple[np.ndarray, int]:
         """The cache holding exactly `context`, as a fresh prefill computes it; (its last
@@ -521,8 +425,8 @@ class Llama:
             lazy = self._call_policy.get("lazy", ...)
         if recycle is ...:
             recycle = self._call_policy.get("recycle", ...)
-        lazy = self.lazy if lazy is ... else _check_lazy(lazy)
-        recycle = self.recycle if recycle is ... else _check_recycle(recycle)
+        lazy = self.lazy if lazy is ... else check_lazy(lazy)
+        recycle = self.recycle if recycle is ... else check_recycle(recycle)
         if lazy is not None:
             lazy.resolve(self._model.info.n_layer)
         return lazy, recycle
@@ -575,7 +479,7 @@ class Llama:
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral)):
             raise TypeError(f"max_tokens must be an int or None, got {type(max_tokens).__name__}")
         if logprobs is not None:
-            _check_int("logprobs", logprobs, 0)
+            check_int("logprobs", logprobs, 0)
         if suffix is not None and not isinstance(suffix, str):
             raise TypeError(f"suffix must be a str or None, got {type(suffix).__name__}")
         lazy, recycle = self._policies(lazy, recycle)
@@ -589,12 +493,12 @@ class Llama:
             raise ValueError(f"Requested tokens ({len(prompt_tokens)}) exceed context window of {n_ctx}")
         room = n_ctx - len(prompt_tokens)
         limit = room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
-        job = _Job(prompt=prompt, prompt_tokens=prompt_tokens, max_tokens=limit, sampler=sampler,
+        job = Job(prompt=prompt, prompt_tokens=prompt_tokens, max_tokens=limit, sampler=sampler,
                    stop=stops, stream=bool(stream), echo=bool(echo), suffix=suffix,
                    logprobs=logprobs, stopping_criteria=stopping_criteria,
                    model_name=model if model is not None else self.model_path,
                    lazy=lazy, recycle=recycle)
-        run = self._run(job)
+        run = run_completion(self, job)
         if job.stream:
             return run
         while True:
@@ -604,128 +508,6 @@ class Llama:
                 return done.value
 
     __call__ = create_completion
-
-    def _prompt_text(self, job: _Job) -> str:
-        if isinstance(job.prompt, str):
-            return job.prompt
-        return self.detokenize(job.prompt_tokens).decode("utf-8", errors="ignore")
-
-    def _logprob_entry(self, token: int, logits: np.ndarray, n_top: int) -> tuple:
-        """(token text, its logprob, {text: logprob} of the n_top best and the token)."""
-        lp = log_softmax(logits)
-        text = self._piece(token).decode("utf-8", errors="ignore")
-        top: Dict[str, float] = {}
-        if n_top > 0:
-            best = np.argpartition(-lp, min(n_top, lp.size - 1))[:n_top]
-            for i in best[np.argsort(-lp[best], kind="stable")]:
-                top[self._piece(int(i)).decode("utf-8", errors="ignore")] = float(lp[i])
-        top[text] = float(lp[token])
-        return text, float(lp[token]), top
-
-    @staticmethod
-    def _logprobs_dict(entries: List[tuple]) -> Dict[str, list]:
-        return {"tokens": [e[0] for e in entries], "text_offset": [e[3] for e in entries],
-                "token_logprobs": [e[1] for e in entries], "top_logprobs": [e[2] for e in entries]}
-
-    def _run(self, job: _Job):
-        """The generation loop; yields stream chunks (stream=True) and returns the
-        non-streamed response dict."""
-        cid, created = f"cmpl-{uuid.uuid4()}", int(time.time())
-
-        def chunk(text: str, logprobs=None, finish_reason=None) -> dict:
-            return {"id": cid, "object": "text_completion", "created": created,
-                    "model": job.model_name,
-                    "choices": [{"text": text, "index": 0, "logprobs": logprobs,
-                                 "finish_reason": finish_reason}]}
-
-        stats: Dict[str, Any] = {"prompt_tokens": len(job.prompt_tokens), "reused_tokens": 0,
-                                 "prefill_s": 0.0, "decode_s": 0.0, "generated_tokens": 0,
-                                 "finish_reason": None}
-        self.stats = stats
-        want_prompt_logprobs = job.echo and job.logprobs is not None
-        t0 = time.perf_counter()
-        rows, stats["reused_tokens"] = self._sync_prompt(job.prompt_tokens, job.lazy, want_prompt_logprobs)
-        t1 = time.perf_counter()
-        stats["prefill_s"] = t1 - t0
-
-        prompt_text = self._prompt_text(job) if job.echo else ""
-        # logprobs entries: (token text, logprob, top dict, text offset); offsets count the
-        # characters before the token in the returned text (after the prompt if not echoed)
-        entries: List[tuple] = []
-        n_chars = 0 if job.echo else len(self._prompt_text(job)) if job.logprobs is not None else 0
-        if want_prompt_logprobs:
-            start = 1 if job.prompt_tokens[0] == self.token_bos() else 0
-            for pos in range(start, len(job.prompt_tokens)):
-                tok = job.prompt_tokens[pos]
-                text = self._piece(tok).decode("utf-8", errors="ignore")
-                if pos == start:  # nothing predicted the first token (OpenAI: null)
-                    entries.append((text, None, None, n_chars))
-                else:
-                    entries.append(self._logprob_entry(tok, rows[pos - 1], job.logprobs) + (n_chars,))
-                n_chars += len(text)
-        pending_from = len(entries)   # entries not yet sent in a stream chunk
-
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        matcher = StopMatcher(job.stop)
-        parts: List[str] = [prompt_text] if job.echo else []
-        completion: List[int] = []
-        finish = "stop"   # also when stopping_criteria ends the token stream
-        if job.stream and prompt_text:
-            yield chunk(prompt_text)
-        step_stats = StepStats()
-        tokens = generate_step(self._cache, rows[-1], job.sampler, recycle=job.recycle,
-                               stopping_criteria=job.stopping_criteria, stats=step_stats)
-        t_first = None
-        try:
-            for token, logits in tokens:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if self._is_eog(token):
-                    break
-                completion.append(token)
-                text = decoder.decode(self._piece(token))
-                if job.logprobs is not None:
-                    entries.append(self._logprob_entry(token, logits, job.logprobs) + (n_chars,))
-                    n_chars += len(text)
-                safe, hit = matcher.feed(text)
-                if safe:
-                    parts.append(safe)
-                    if job.stream:
-                        lp = self._logprobs_dict(entries[pending_from:]) if job.logprobs is not None else None
-                        pending_from = len(entries)
-                        yield chunk(safe, lp)
-                if hit:
-                    break
-                if len(completion) >= job.max_tokens:
-                    finish = "length"
-                    break
-            tail = ""
-            if not matcher.stopped:
-                tail, _ = matcher.feed(decoder.decode(b"", final=True))
-                tail += matcher.flush()
-            tail += job.suffix or ""
-            if tail:
-                parts.append(tail)
-                if job.stream:
-                    lp = self._logprobs_dict(entries[pending_from:]) if job.logprobs is not None else None
-                    yield chunk(tail, lp)
-        finally:
-            tokens.close()
-            t2 = time.perf_counter()
-            stats.update(decode_s=t2 - t1, generated_tokens=len(completion), finish_reason=finish,
-                         total_s=t2 - t0, **_request_times(t0, t_first, t2, len(completion)))
-            stats.update(self._engine_stats(step_stats))
-            if self.verbose:
-                print(f"pylazy: prompt {stats['prompt_tokens']} tok ({stats['reused_tokens']} reused) "
-                      f"{stats['prefill_s']:.3f} s, {len(completion)} tok in {stats['decode_s']:.3f} s",
-                      file=sys.stderr)
-        if job.stream:
-            yield chunk("", None, finish)
-            return None
-        out = chunk("".join(parts), self._logprobs_dict(entries) if job.logprobs is not None else None, finish)
-        out["usage"] = {"prompt_tokens": len(job.prompt_tokens), "completion_tokens": len(completion),
-                        "total_tokens": len(job.prompt_tokens) + len(completion)}
-        return out
 
     # ----- chat --------------------------------------------------------------------------
     def create_chat_completion(self, messages: List[Dict[str, Any]], functions=None,

@@ -5,16 +5,18 @@ Pure Python; the engine asks these objects and runs what they say.
 - ``LazyPrefill``: pruning layers and keep ratios (LazyLLM, arXiv 2407.14057).
 - ``Recycle`` / ``StreamingWindow``: decode attention settings (recycled attention,
   arXiv 2411.05787; StreamingLLM sinks + window as the baseline).
-- ``StridePolicy`` and its implementations: asked once per decode step, "full" or
-  "recycled", and whether to return the query similarity for this step.
+- ``StridePolicy`` and its implementations: asked once per decode step, full or recycled
+  (a ``StepKind``), and whether to return the query similarity for this step;
+  ``ReselectSchedule`` turns some full steps after a lazy prefill into re-selecting ones.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 from numbers import Integral, Real
-from typing import List, Literal, NamedTuple, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import List, NamedTuple, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 LayerSpec = Union[int, float]
 
@@ -165,8 +167,10 @@ class LazyPrefill:
 
 
 def keep_count(ratio: float, n_tokens: int) -> int:
-    """Tokens kept out of n_tokens at a keep ratio: ceil, at least 1 (the last token)."""
-    return max(1, min(n_tokens, math.ceil(ratio * n_tokens - 1e-9)))
+    """Tokens a lazy-prefill stage keeps out of n_tokens at a keep ratio, by the engine's own
+    rule (native/keep.h: ceil of the product rounded to 6 decimals, at least 1, the last token)."""
+    from . import _native as N   # the engine's rule, not a copy of it (loads libpylazy on first use)
+    return int(N.lib.plz_keep_count(float(ratio), int(n_tokens)))
 
 
 def snap_to_global_layers(schedule: List[Tuple[int, float]], swa: Sequence[bool]) -> List[Tuple[int, float]]:
@@ -264,14 +268,23 @@ class StreamingWindow:
         _check_int("stride", self.stride, 1)
 
 
+class StepKind(str, Enum):
+    """What one decode step runs; the engine takes it as it is (pylazy.engine.Context.decode).
+    A str enum: StepKind.FULL == "full"."""
+
+    FULL = "full"           # full attention (a refresh of the recycled cache when recycling)
+    RECYCLED = "recycled"   # attention over the recycled cache only
+    SELECT = "select"       # full, and after a lazy prefill re-select and revive at every stage
+
+
 class Step(NamedTuple):
     """One decode step's orders: which graph to run, and whether it returns similarity."""
 
-    kind: Literal["full", "recycled"]
+    kind: StepKind
     check_similarity: bool = False
 
 
-FULL = Step("full", False)
+FULL = Step(StepKind.FULL, False)
 
 
 @runtime_checkable
@@ -319,7 +332,7 @@ class FixedStride:
 
     def next_step(self) -> Step:
         step, self._step = self._step, self._step + 1
-        return FULL if step % self.stride == 0 else Step("recycled", False)
+        return FULL if step % self.stride == 0 else Step(StepKind.RECYCLED, False)
 
     def observe(self, similarity: Optional[float]) -> None:
         pass
@@ -352,7 +365,7 @@ class DynamicStride:
             self._since_full, self._refresh = 0, False
             return FULL
         self._since_full += 1
-        return Step("recycled", self._since_full % self.check_every == 0)
+        return Step(StepKind.RECYCLED, self._since_full % self.check_every == 0)
 
     def observe(self, similarity: Optional[float]) -> None:
         if similarity is None:
@@ -384,7 +397,7 @@ class SinkWindowStride:
         if not self._started:
             self._started = True
             return FULL
-        return Step("recycled", False)
+        return Step(StepKind.RECYCLED, False)
 
     def observe(self, similarity: Optional[float]) -> None:
         pass
@@ -408,6 +421,10 @@ class ReselectSchedule:
             self._since = 0
             return True
         return False
+
+    def kind(self, kind: StepKind) -> StepKind:
+        """The kind one decode step runs: the stride policy's, a due full step made SELECT."""
+        return StepKind.SELECT if self.select(kind == StepKind.FULL) else kind
 
 
 def make_stride_policy(recycle: Union[None, Recycle, StreamingWindow]) -> StridePolicy:

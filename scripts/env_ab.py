@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_bench import ours_decode, tokens  # noqa: E402
 
 import pylazy  # noqa: E402
-from pylazy.engine import Context, Model  # noqa: E402
+from pylazy.engine import Context, Model, RecycleMode  # noqa: E402
 
 
 def measure(m, args) -> dict:
@@ -46,9 +46,9 @@ def measure(m, args) -> dict:
                 ctx.eval(tokens(d)[i:i + 2048])
             out[f"decode {d}"] = ours_decode(ctx, args.decode_steps)
             if d > args.recycle_k:
-                ctx.set_recycle(1, rec.k, args.stride, 0, pool=rec.pool, share=rec.share)
+                ctx.set_recycle(RecycleMode.TOPK, rec.k, args.stride, 0, pool=rec.pool, share=rec.share)
                 out[f"recycled {d}"] = ours_decode(ctx, args.decode_steps, args.stride)
-                ctx.set_recycle(0, 0)
+                ctx.set_recycle(RecycleMode.OFF)
     return out
 
 

@@ -35,10 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama_cpp  # noqa: E402
 
 import pylazy  # noqa: E402
-from pylazy.engine import Context, Model  # noqa: E402
+from pylazy.engine import Context, Model, RecycleMode  # noqa: E402
 from pylazy.bench_request import request_rows, request_table  # noqa: E402
 from pylazy.generate import ContextCache, Greedy, generate_step, prefill  # noqa: E402
 from pylazy.llama_ref import reference_llama  # noqa: E402
+from pylazy.policy import StepKind  # noqa: E402
 
 
 def tokens(n: int, seed: int = 0) -> list:
@@ -81,13 +82,13 @@ def ours_decode(ctx, n_steps, recycle_stride=0, step_ms=None) -> float:
     """tok/s over n_steps; with step_ms (a dict) also the mean ms of full/refresh and recycled steps."""
     tok = 1234
     for i in range(2 * recycle_stride if recycle_stride else 8):   # warm-up: graph builds, CUDA-graph capture
-        ctx.decode(tok, recycled=recycle_stride > 0 and i % recycle_stride != 0)
-    ctx.decode(tok, recycled=False)  # a refresh first when recycling (not timed)
+        ctx.decode(tok, StepKind.RECYCLED if recycle_stride > 0 and i % recycle_stride != 0 else StepKind.FULL)
+    ctx.decode(tok, StepKind.FULL)  # a refresh first when recycling (not timed)
     times = {"full": [], "recycled": []}
     t = time.perf_counter()
     for i in range(n_steps):
         t0 = time.perf_counter()
-        _, ran, _ = ctx.decode(tok, recycled=recycle_stride > 0 and (i + 1) % recycle_stride != 0)
+        _, ran, _ = ctx.decode(tok, StepKind.RECYCLED if recycle_stride > 0 and (i + 1) % recycle_stride != 0 else StepKind.FULL)
         times["recycled" if ran else "full"].append(time.perf_counter() - t0)
     rate = n_steps / (time.perf_counter() - t)
     if step_ms is not None:
@@ -262,17 +263,17 @@ def main(argv=None):
         ours["decode_recycled_default"] = {}
         for d in depths:
             prefill(max(d, 1), [])
-            ctx.set_recycle(0)
+            ctx.set_recycle(RecycleMode.OFF)
             ours["decode_full"][d] = median_of(args.reps, lambda: ours_decode(ctx, args.decode_steps))
-            ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
+            ctx.set_recycle(RecycleMode.TOPK, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
             ours["step_ms"][d] = {}
             ours["decode_recycled"][d] = median_of(
                 args.reps, lambda: ours_decode(ctx, args.decode_steps, args.stride, ours["step_ms"][d]))
             if d >= 1024:   # Recycle(k=depth/8), the default the evals measure
-                ctx.set_recycle(1, d // 8, args.stride, 0, pool=args.pool, share=args.share)
+                ctx.set_recycle(RecycleMode.TOPK, d // 8, args.stride, 0, pool=args.pool, share=args.share)
                 ours["decode_recycled_default"][d] = median_of(
                     args.reps, lambda: ours_decode(ctx, args.decode_steps, args.stride))
-            ctx.set_recycle(0)
+            ctx.set_recycle(RecycleMode.OFF)
             log(f"pylazy decode at {d}: full {ours['decode_full'][d]:.1f}, recycled {ours['decode_recycled'][d]:.1f} tok/s"
                 f", K=d/8 {ours['decode_recycled_default'].get(d, float('nan')):.1f}"
                 f" (ms per refresh / recycled step: {ours['step_ms'][d]})")

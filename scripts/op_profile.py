@@ -116,7 +116,8 @@ def take_phases(ctx) -> str:
 
 def refresh_profile(args) -> None:
     """pylazy only: at depth --refresh-depth, the host phases and the ops of refresh and recycled steps."""
-    from pylazy.engine import Context, Model
+    from pylazy.engine import Context, Model, RecycleMode
+    from pylazy.policy import StepKind
     toks = np.random.default_rng(1).integers(1000, 40000, size=args.refresh_depth).tolist()
     for mode in ("1", "ops"):
         os.environ["PYLAZY_PROFILE"] = mode
@@ -125,20 +126,20 @@ def refresh_profile(args) -> None:
         t = time.perf_counter()
         ctx.eval(toks)
         print(f"\n[{mode}] prefill {args.refresh_depth}: {time.perf_counter() - t:.2f} s; {take_phases(ctx)}")
-        ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
+        ctx.set_recycle(RecycleMode.TOPK, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
         for label, recycled in (("full (recycling off)", None), ("refresh", False), ("recycled", True)):
             if recycled is None:
-                ctx.set_recycle(0)
+                ctx.set_recycle(RecycleMode.OFF)
             elif label == "refresh":
-                ctx.set_recycle(1, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
-            ctx.decode(1234, recycled=False)    # warm-up / first refresh, untimed
-            ctx.decode(1234, recycled=bool(recycled))
+                ctx.set_recycle(RecycleMode.TOPK, args.recycle_k, args.stride, 0, pool=args.pool, share=args.share)
+            ctx.decode(1234, StepKind.FULL)    # warm-up / first refresh, untimed
+            ctx.decode(1234, StepKind.RECYCLED if recycled else StepKind.FULL)
             take_phases(ctx)
             N.lib.plz_op_profile_reset()
             n = 8
             t = time.perf_counter()
             for _ in range(n):
-                ctx.decode(1234, recycled=bool(recycled))
+                ctx.decode(1234, StepKind.RECYCLED if recycled else StepKind.FULL)
             dt = (time.perf_counter() - t) / n
             print(f"[{mode}] {label} step at {args.refresh_depth}: {dt * 1e3:.2f} ms; {take_phases(ctx)}")
             if mode == "ops":

@@ -1,7 +1,9 @@
 """Plain numpy forward pass of llama.cpp's llama arch (and qwen2/qwen3), float64 math.
 
-This is the engine tests' independent reference: it shares no code with the engine and
-is checked against llama.cpp itself in tests/test_reference.py. Weights come from
+This is the engine tests' independent reference: it shares no computation with the engine
+and is checked against llama.cpp itself in tests/test_reference.py. It takes two facts from
+the engine rather than restating them: each architecture's RoPE layout (the architecture
+table, pylazy.arch) and how many tokens a lazy stage keeps (pylazy.policy.keep_count). Weights come from
 models.tiny.load_tiny_weights (numpy (n_out, n_in) matrices, so a layer is x @ W.T).
 
 Shapes used throughout:
@@ -29,8 +31,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-# RoPE layout per arch, as llama.cpp's llama_model_rope_type() gives it.
-ROPE_MODE = {"llama": "normal", "qwen2": "neox", "qwen3": "neox"}
+from pylazy.arch import table as arch_table
+from pylazy.policy import keep_count
+
+# RoPE layout per arch, as llama.cpp's llama_model_rope_type() gives it (the architecture table).
+ROPE_MODE = {a: "neox" if neox else "normal" for a, neox in arch_table().rope_neox.items()}
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -240,9 +245,9 @@ def forward(hp: dict, w: dict, tokens, *, return_internals: bool = False,
 
 
 def _n_keep(keep_ratio: float, n: int) -> int:
-    """ceil(keep_ratio * n) in [1, n]; the product is rounded to 6 decimals first so float
-    noise (0.7 * 10 = 7.000000000000001) does not add a token."""
-    return min(n, max(1, math.ceil(round(keep_ratio * n, 6))))
+    """ceil(keep_ratio * n) in [1, n], the product rounded to 6 decimals first so float noise
+    (0.7 * 10 = 7.000000000000001) does not add a token: the engine's rule, called."""
+    return keep_count(keep_ratio, n)
 
 
 def _top_indices(scores: np.ndarray, k: int) -> np.ndarray:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import models.tiny as tiny
-from pylazy.engine import Context, Model
+from pylazy.engine import Context, Model, RecycleConfig, RecycleMode
+from pylazy.policy import StepKind
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import check_gguf
 from pylazy.llama_ref import reference_llama
@@ -67,7 +68,7 @@ def _generate(path, prompt, n, *, lazy=(), recycle=None, stride=4, sims=None):
         for i in range(n):
             toks.append(int(out[-1].argmax()))
             if recycle:
-                logits, _, s = ctx.decode(toks[-1], recycled=i % stride != 0, similarity=sims is not None)
+                logits, _, s = ctx.decode(toks[-1], StepKind.RECYCLED if i % stride != 0 else StepKind.FULL, similarity=sims is not None)
                 if sims is not None and s is not None:
                     sims.append(s)
             else:
@@ -102,7 +103,7 @@ def test_lazy_keep_all_and_recycle_k_over_context_match_llama_cpp(tmp_path):
     # one stage per layer, keeping every token (set directly: LazyPrefill.resolve drops keep=1.0)
     toks, logits, _ = _generate(path, prompt, 12, lazy=[(0, 1.0), (1, 1.0), (2, 1.0)])
     _assert_matches_llama_cpp(path, prompt, toks, logits)
-    toks, logits, st = _generate(path, prompt, 12, recycle=(1, 4096, 4, 0))
+    toks, logits, st = _generate(path, prompt, 12, recycle=RecycleConfig(RecycleMode.TOPK, 4096, 4, 0))
     assert st["recycled_steps"] >= 8
     _assert_matches_llama_cpp(path, prompt, toks, logits)
 
@@ -113,7 +114,7 @@ def test_all_sliding_window_layers_ignore_recycling(tmp_path):
     path = tiny.make_tiny_model(tmp_path / "g.gguf", **TINY, swa_pattern=0)
     prompt = PROMPT[:40]
     sims = []
-    toks, logits, st = _generate(path, prompt, 12, recycle=(1, 2, 4, 0), sims=sims)
+    toks, logits, st = _generate(path, prompt, 12, recycle=RecycleConfig(RecycleMode.TOPK, 2, 4, 0), sims=sims)
     assert st["recycled_steps"] >= 8
     assert sims and all(np.isnan(s).all() for s in sims)   # no similarity for SWA layers
     _assert_matches_llama_cpp(path, prompt, toks, logits)
@@ -124,12 +125,12 @@ def test_pruned_lazy_and_small_recycle_run(tmp_path):
     prompt = PROMPT[:80]
     # prune at an SWA layer (0) and at a global one (1); then recycle over the pruned stages
     sims = []
-    toks, logits, st = _generate(path, prompt, 12, lazy=[(0, 0.5), (1, 0.25)], recycle=(1, 4, 4, 0), sims=sims)
+    toks, logits, st = _generate(path, prompt, 12, lazy=[(0, 0.5), (1, 0.25)], recycle=RecycleConfig(RecycleMode.TOPK, 4, 4, 0), sims=sims)
     assert np.isfinite(logits).all() and st["recycled_steps"] >= 8 and len(toks) == 12
     # per-layer similarities: NaN for SWA layers 0, 2 and for stages that keep every token
     assert all(np.isnan(s[[0, 2]]).all() for s in sims)
     assert any(np.isfinite(s[[1, 3]]).all() for s in sims)   # global layers of pruned stages do check
-    toks, logits, st = _generate(path, prompt, 12, recycle=(2, 4, 4, 2))   # sinks + window mode
+    toks, logits, st = _generate(path, prompt, 12, recycle=RecycleConfig(RecycleMode.WINDOW, 4, 4, 2))   # sinks + window mode
     assert np.isfinite(logits).all() and st["recycled_steps"] >= 8
 
 

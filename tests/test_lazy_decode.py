@@ -5,7 +5,8 @@ full attention bit for bit."""
 import numpy as np
 import pytest
 
-from pylazy.engine import Context, Model
+from pylazy.engine import Context, Model, RecycleMode
+from pylazy.policy import StepKind
 from tests import reference as R
 
 SCHEDULE = [(0, 0.7), (1, 0.5), (2, 0.3)]   # tiny model: 4 layers, one layer per stage
@@ -130,7 +131,7 @@ def test_decode_schedule_matches_numpy_reference(tiny):
             p0 = len(prompt) + i
             select = i % 5 == 4
             before = ctx.stages()
-            logits, _, _ = ctx.decode(t, select=select)
+            logits, _, _ = ctx.decode(t, StepKind.SELECT if select else StepKind.FULL)
             after = ctx.stages()
             follow = [a["selected"].tolist() for a in after]
             ref_logits, own = ref.step(t, p0, select, follow)
@@ -154,12 +155,16 @@ def _greedy(model, prompt, n, schedule=(), select_every=0, recycle=None, n_ctx=5
     with Context(model, n_ctx=n_ctx) as ctx:
         ctx.set_lazy(list(schedule))
         if recycle:
-            ctx.set_recycle(1, *recycle)
+            ctx.set_recycle(RecycleMode.TOPK, *recycle)
         out = [ctx.eval(prompt)[0]]
         for i in range(n):
-            kw = {"recycled": bool(recycle) and i % recycle[1] != 0,
-                  "select": bool(select_every) and i % select_every == select_every - 1}
-            out.append(ctx.decode(int(out[-1].argmax()), **kw)[0])
+            if recycle and i % recycle[1] != 0:
+                kind = StepKind.RECYCLED
+            elif select_every and i % select_every == select_every - 1:
+                kind = StepKind.SELECT
+            else:
+                kind = StepKind.FULL
+            out.append(ctx.decode(int(out[-1].argmax()), kind)[0])
         return np.array(out)
 
 

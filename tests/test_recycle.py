@@ -5,17 +5,18 @@ import math
 import numpy as np
 import pytest
 
-from pylazy.engine import Context, Model
+from pylazy.engine import Context, Model, RecycleMode
+from pylazy.policy import StepKind
 from tests import reference as R
 
 
-def _generate(model, prompt, n, *, mode=0, k=0, stride=1, n_ctx=512):
+def _generate(model, prompt, n, *, mode=RecycleMode.OFF, k=0, stride=1, n_ctx=512):
     """Greedy generation with a fixed stride: logits of every step."""
     with Context(model, n_ctx=n_ctx) as ctx:
         ctx.set_recycle(mode, k, stride, 4)
         out = [ctx.eval(prompt)[0]]
         for i in range(n):
-            logits, _, _ = ctx.decode(int(out[-1].argmax()), recycled=i % stride != 0)
+            logits, _, _ = ctx.decode(int(out[-1].argmax()), StepKind.RECYCLED if i % stride != 0 else StepKind.FULL)
             out.append(logits)
         return np.array(out), ctx.recycle_stats()
 
@@ -24,9 +25,9 @@ def test_k_over_context_or_stride_1_equals_full(default_model_path):
     m = Model(default_model_path, n_threads=2)
     prompt = list(range(2000, 2064))
     full, _ = _generate(m, prompt, 256)
-    big_k, st = _generate(m, prompt, 256, mode=1, k=4096, stride=16)
+    big_k, st = _generate(m, prompt, 256, mode=RecycleMode.TOPK, k=4096, stride=16)
     assert st["recycled_steps"] > 200
-    s1, st1 = _generate(m, prompt, 256, mode=1, k=16, stride=1)
+    s1, st1 = _generate(m, prompt, 256, mode=RecycleMode.TOPK, k=16, stride=1)
     assert st1["recycled_steps"] == 0
     m.close()
     assert np.array_equal(full, big_k)
@@ -49,12 +50,12 @@ def test_refresh_topk_and_recycled_step_match_numpy(tiny):
     seq = prompt + [t1]
     _, layers = R.forward(hp, w, seq, return_internals=True)
     with Context(m, n_ctx=256) as ctx:
-        ctx.set_recycle(1, K, 8, 0)
+        ctx.set_recycle(RecycleMode.TOPK, K, 8, 0)
         ctx.eval(prompt)
-        _, ran, _ = ctx.decode(t1, recycled=True)      # no cache yet: runs as a refresh
+        _, ran, _ = ctx.decode(t1, StepKind.RECYCLED)      # no cache yet: runs as a refresh
         assert not ran
         kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
-        logits2, ran2, sims = ctx.decode(t2, recycled=True, similarity=True)
+        logits2, ran2, sims = ctx.decode(t2, StepKind.RECYCLED, similarity=True)
         assert ran2
     n = len(seq)
     # 1) the refresh token's choice per layer and KV head
@@ -100,9 +101,9 @@ def test_refresh_topk_with_pool_matches_numpy(tiny, pool):
     seq = prompt + [1234]
     _, layers = R.forward(hp, w, seq, return_internals=True)
     with Context(m, n_ctx=256) as ctx:
-        ctx.set_recycle(1, K, 8, 0, pool=pool)
+        ctx.set_recycle(RecycleMode.TOPK, K, 8, 0, pool=pool)
         ctx.eval(prompt)
-        ctx.decode(1234, recycled=False)
+        ctx.decode(1234, StepKind.FULL)
         kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
     changed = 0
     for il in range(hp["n_layer"]):
@@ -126,9 +127,9 @@ def test_refresh_topk_with_share_matches_numpy(tiny):
     seq = prompt + [1234]
     _, layers = R.forward(hp, w, seq, return_internals=True)
     with Context(m, n_ctx=256) as ctx:
-        ctx.set_recycle(1, K, 8, 0, pool=pool, share=share)
+        ctx.set_recycle(RecycleMode.TOPK, K, 8, 0, pool=pool, share=share)
         ctx.eval(prompt)
-        ctx.decode(1234, recycled=False)
+        ctx.decode(1234, StepKind.FULL)
         kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
     qs = [layers[il]["q"][-1] for il in range(hp["n_layer"])]
     ks = [np.transpose(layers[il]["k"], (1, 0, 2)) for il in range(hp["n_layer"])]   # refresh token included
@@ -146,11 +147,11 @@ def test_dynamic_stride_triggers_full_step_after_low_similarity(tiny):
     policy.reset()
     kinds = []
     with Context(m, n_ctx=256) as ctx:
-        ctx.set_recycle(1, 8, 16, 0)
+        ctx.set_recycle(RecycleMode.TOPK, 8, 16, 0)
         ctx.eval(list(range(100, 140)))
         for t in range(200, 206):
             step = policy.next_step()
-            _, ran, sims = ctx.decode(t, recycled=step.kind == "recycled", similarity=step.check_similarity)
+            _, ran, sims = ctx.decode(t, step.kind, similarity=step.check_similarity)
             kinds.append("recycled" if ran else "full")
             if step.check_similarity:
                 sim = float(np.nanmean(sims)) if ran else None
@@ -165,21 +166,21 @@ def test_bad_recycle_values(tiny):
     m, _, _ = tiny
     with Context(m, n_ctx=64) as ctx:
         with pytest.raises(ValueError):
-            ctx.set_recycle(1, 0, 16, 0)
+            ctx.set_recycle(RecycleMode.TOPK, 0, 16, 0)
         with pytest.raises(ValueError):
             ctx.set_recycle(3, 8, 16, 0)
         with pytest.raises(ValueError):
-            ctx.set_recycle(1, 8, 1000, 0)
+            ctx.set_recycle(RecycleMode.TOPK, 8, 1000, 0)
         with pytest.raises(ValueError):
-            ctx.set_recycle(1, 8, 16, 0, pool=65)
+            ctx.set_recycle(RecycleMode.TOPK, 8, 16, 0, pool=65)
         for share in (-0.5, 1.5, float("nan")):
             with pytest.raises(ValueError):
-                ctx.set_recycle(1, 8, 16, 0, share=share)
+                ctx.set_recycle(RecycleMode.TOPK, 8, 16, 0, share=share)
         with pytest.raises(ValueError):     # no refresh yet: nothing to read
             ctx.recycle_query(0)
-        ctx.set_recycle(1, 8, 16, 0)
+        ctx.set_recycle(RecycleMode.TOPK, 8, 16, 0)
         ctx.eval(list(range(100, 120)))
-        ctx.decode(7, recycled=False)
+        ctx.decode(7, StepKind.FULL)
         assert ctx.recycle_query(0).shape == (m.info.n_head, m.info.head_dim)
         for layer in (-1, m.info.n_layer):
             with pytest.raises(ValueError):
@@ -195,10 +196,10 @@ def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
     def run():
         out = []
         with Context(m, n_ctx=256) as ctx:
-            ctx.set_recycle(1, 8, 4, 0, pool=2)
+            ctx.set_recycle(RecycleMode.TOPK, 8, 4, 0, pool=2)
             logits = ctx.eval(prompt)
             for i in range(24):
-                logits, ran, _ = ctx.decode(int(logits.argmax()), recycled=i % 4 != 0)
+                logits, ran, _ = ctx.decode(int(logits.argmax()), StepKind.RECYCLED if i % 4 != 0 else StepKind.FULL)
                 assert ran == (i % 4 != 0)
                 out.append(logits.copy())
         return np.array(out)
@@ -224,10 +225,10 @@ def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny, share):
         with Context(m, n_ctx=256) as ctx:
             if schedule:
                 ctx.set_lazy(schedule, 0)
-            ctx.set_recycle(1, 8, 4, 0, pool=pool, share=share)
+            ctx.set_recycle(RecycleMode.TOPK, 8, 4, 0, pool=pool, share=share)
             logits = ctx.eval(prompt)[-1]
             for i in range(n):
-                logits, ran, _ = ctx.decode(int(logits.argmax()), recycled=i % 4 != 0)
+                logits, ran, _ = ctx.decode(int(logits.argmax()), StepKind.RECYCLED if i % 4 != 0 else StepKind.FULL)
                 out.append(logits.copy())
             kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
             stages = ctx.stages()
@@ -260,9 +261,9 @@ def test_refresh_picks_across_lazy_stages_match_numpy(tiny):
     p0 = len(prompt)
     with Context(m, n_ctx=256) as ctx:
         ctx.set_lazy([(1, 0.5)], 0)
-        ctx.set_recycle(1, K, 4, 0, pool=pool, share=share)
+        ctx.set_recycle(RecycleMode.TOPK, K, 4, 0, pool=pool, share=share)
         logits = ctx.eval(prompt)[-1]
-        ctx.decode(int(logits.argmax()), recycled=False)        # the refresh, at position p0
+        ctx.decode(int(logits.argmax()), StepKind.FULL)        # the refresh, at position p0
         stages = ctx.stages()
         kept = [np.sort(ctx.recycle_positions(il), axis=1) for il in range(hp["n_layer"])]
         per_layer = []

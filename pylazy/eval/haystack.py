@@ -191,6 +191,29 @@ def _token_at(tokenize: Tokenize, text: str, char: int) -> int:
     return len(tokenize(text[:char].rstrip(" ")))
 
 
+def _compose(head: str, tail: str, words: Sequence[str], inserts: Sequence[Insert], order: Sequence[int],
+             pos: Sequence[int]):
+    """head + words with insert k before word pos[k] + tail; (prompt, the character where each
+    insert's anchor starts, the character where the tail starts)."""
+    parts, chars, anchor_char = [head], len(head), [0] * len(inserts)
+    by_pos = sorted(order, key=lambda k: pos[k])   # stable: keeps depth order on ties
+    w0, sep = 0, ""
+    for k in by_pos + [None]:
+        upto = len(words) if k is None else pos[k]
+        if upto > w0:
+            chunk = sep + " ".join(words[w0:upto])
+            parts.append(chunk)
+            chars += len(chunk)
+            sep, w0 = " ", upto
+        if k is not None:
+            chunk = sep + inserts[k].text
+            anchor_char[k] = chars + len(sep) + inserts[k].text.index(inserts[k].anchor)
+            parts.append(chunk)
+            chars += len(chunk)
+            sep = " "
+    return "".join(parts) + tail, anchor_char, chars
+
+
 def fit_prompt(tokenize: Tokenize, target: int, head: str, tail: str, words: Sequence[str],
                inserts: Sequence[Insert], margin: float = 0.01, max_iter: int = 10) -> Fitted:
     """head + words[:n] with inserts spliced in + tail, as long as possible but <= target tokens.
@@ -236,25 +259,7 @@ def fit_prompt(tokenize: Tokenize, target: int, head: str, tail: str, words: Seq
             want = inserts[k].depth * hay_est + shift[k] - before - anchor_off[k]
             pos[k] = lo = nearest(want, lo, n)
             before += ins_len[k]
-        # compose, remembering where anchors and the tail start in characters
-        parts, chars, anchor_char = [head], len(head), [0] * len(inserts)
-        by_pos = sorted(order, key=lambda k: pos[k])   # stable: keeps depth order on ties
-        w0, sep = 0, ""
-        for k in by_pos + [None]:
-            upto = n if k is None else pos[k]
-            if upto > w0:
-                chunk = sep + " ".join(words[w0:upto])
-                parts.append(chunk)
-                chars += len(chunk)
-                sep, w0 = " ", upto
-            if k is not None:
-                chunk = sep + inserts[k].text
-                anchor_char[k] = chars + len(sep) + inserts[k].text.index(inserts[k].anchor)
-                parts.append(chunk)
-                chars += len(chunk)
-                sep = " "
-        tail_char = chars
-        prompt = "".join(parts) + tail
+        prompt, anchor_char, tail_char = _compose(head, tail, words[:n], inserts, order, pos)
         L = len(tokenize(prompt))
         ce = _token_at(tokenize, prompt, tail_char)
         anchors, pos_ok = [-1] * len(inserts), True

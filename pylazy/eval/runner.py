@@ -287,74 +287,14 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     n_ctx = max([max(lengths) + max((t.max_new_tokens for t in suite), default=0)
                  + (256 if chat else 16)] + [n + ppl_decode for n in ppl_lens])
 
-    def is_shared(pname, length):
-        return share_runner and set(policy_for(policies[pname], length)) <= set(CALL_POLICY_KEYS)
-
-    runners: dict = {}   # policy name (or "" for the shared runner) -> runner
-
-    def runner_for(pname, length):
-        key = "" if is_shared(pname, length) else pname
-        if key not in runners:
-            runners[key] = factory(model_path, n_ctx, {} if key == "" else policy_for(policies[pname], length))
-        return runners[key]
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(policies) * (len(suite) + len(ppl_lens) * bool(ppl_ids)),
-                   unit="run", file=sys.stderr)
-    runs = defaultdict(list)    # (policy, spec, length) -> instance records
-    for task in suite:
-        L = task.context_len
-        # full-attention-prefill policies first, back to back: one prefill for all of them
-        order = sorted(policies, key=lambda p: not (is_shared(p, L) and shares_prefill(policy_for(policies[p], L))))
-        shared_prefill = None   # (policy name, prefill_s) of this prompt's full prefill
-        for pname in order:
-            kwargs = policy_for(policies[pname], L)
-            shared = is_shared(pname, L)
-            runner = runner_for(pname, L)
-            reuse = shared and shares_prefill(kwargs) and shared_prefill is not None
-            if bar:
-                bar.set_description(f"{pname} {task.spec} {L}")
-            g = generate(runner, task, chat, reset=not reuse,
-                         call_kwargs={k: kwargs.get(k) for k in CALL_POLICY_KEYS} if shared else None)
-            st = g["stats"]
-            g["ttft_measured_s"] = g["ttft_s"]
-            if "prefill_s" in st:   # the engine's own prefill time: no sampling, no streaming
-                g["ttft_s"] = st["prefill_s"]
-            if reuse:
-                g["ttft_s"], g["ttft_shared"] = shared_prefill[1], shared_prefill[0]
-            elif shared and shares_prefill(kwargs):
-                shared_prefill = (pname, g["ttft_s"])
-            runs[(pname, task.spec, L)].append({
-                "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
-                "prompt_tokens": st.get("prompt_tokens", task.n_tokens),
-                "answers": task.answers, **g})
-            if bar:
-                bar.update()
-    records = [_aggregate(spec, pname, n, rs) for pname in policies
-               for (pp, spec, n), rs in runs.items() if pp == pname]
-    ppl_records = []
-    for n in ppl_lens:
-        # full-attention-prefill policies back to back: pylazy reuses their context's cache
-        order = sorted(policies, key=lambda p: not (is_shared(p, n) and shares_prefill(policy_for(policies[p], n))))
-        for pname in order:
-            if bar:
-                bar.set_description(f"{pname} perplexity {n}+{ppl_decode}")
-            t0 = time.perf_counter()
-            kwargs = policy_for(policies[pname], n)
-            call = {k: kwargs.get(k) for k in CALL_POLICY_KEYS} if is_shared(pname, n) else None
-            out = perplexity(runner_for(pname, n), ppl_ids[:n + ppl_decode], n, call)
-            ppl_records.append({"policy": pname, "context_len": n, "tokens": ppl_decode,
-                                **(out or {"ppl": None}), "seconds": time.perf_counter() - t0})
-            if bar:
-                bar.update()
-    ppl_records.sort(key=lambda r: (list(policies).index(r["policy"]), r["context_len"]))
-    for runner in runners.values():
-        if hasattr(runner, "close"):
-            runner.close()
-    if bar:
-        bar.close()
+    runs = _PolicyRuns(policies, share_runner,
+                       lambda kw: factory(model_path, n_ctx, kw), progress,
+                       len(policies) * (len(suite) + len(ppl_lens) * bool(ppl_ids)))
+    try:
+        records = runs.tasks(suite, chat)
+        ppl_records = runs.perplexities(ppl_lens, ppl_ids, ppl_decode)
+    finally:
+        runs.close()
     results = {"config": {"model": model_path, "backend": backend, "policies": {
                    k: _describe_policy(v, lengths) for k, v in policies.items()},
                    "lengths": list(lengths), "tasks": list(tasks), "depths": list(depths),
@@ -366,6 +306,12 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
                                 "named policy's full-attention prefill of the same prompt and "
                                 "report its time"},
                "records": records, "perplexity": ppl_records}
+    _write_results(results, out_dir, make_plots)
+    return results
+
+
+def _write_results(results: dict, out_dir: str, make_plots: bool) -> None:
+    """results.json, the table on stdout and (make_plots) the PNGs."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=repr)
@@ -374,7 +320,98 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
         from .plots import plot_all
         for path in plot_all(results, out_dir):
             print("wrote", path)
-    return results
+
+
+class _PolicyRuns:
+    """The runners of one suite and the loops over prompts x policies.
+
+    share_runner: one runner serves every policy made only of lazy=/recycle= (passed per
+    call); the full-attention-prefill ones run back to back on each prompt so they share
+    one prefill. Other policies get a runner each, made by open_runner(policy kwargs).
+    """
+
+    def __init__(self, policies: dict, share_runner: bool, open_runner: Callable, progress: bool,
+                 total: int):
+        self.policies, self.share_runner, self.open_runner = policies, share_runner, open_runner
+        self.runners: dict = {}   # policy name (or "" for the shared runner) -> runner
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="run", file=sys.stderr)
+
+    def is_shared(self, pname: str, length: int) -> bool:
+        return self.share_runner and set(policy_for(self.policies[pname], length)) <= set(CALL_POLICY_KEYS)
+
+    def runner_for(self, pname: str, length: int):
+        key = "" if self.is_shared(pname, length) else pname
+        if key not in self.runners:
+            self.runners[key] = self.open_runner({} if key == "" else policy_for(self.policies[pname], length))
+        return self.runners[key]
+
+    def order(self, length: int) -> list:
+        """Policy names, the full-attention-prefill ones sharing a runner first (back to back)."""
+        return sorted(self.policies, key=lambda p: not (self.is_shared(p, length)
+                                                        and shares_prefill(policy_for(self.policies[p], length))))
+
+    def _tick(self, label: Optional[str] = None) -> None:
+        if self.bar and label is not None:
+            self.bar.set_description(label)
+        elif self.bar:
+            self.bar.update()
+
+    def tasks(self, suite, chat: bool) -> list:
+        """Every task under every policy: the aggregated records."""
+        runs = defaultdict(list)    # (policy, spec, length) -> instance records
+        for task in suite:
+            L = task.context_len
+            shared_prefill = None   # (policy name, prefill_s) of this prompt's full prefill
+            for pname in self.order(L):
+                kwargs = policy_for(self.policies[pname], L)
+                shared = self.is_shared(pname, L)
+                runner = self.runner_for(pname, L)
+                reuse = shared and shares_prefill(kwargs) and shared_prefill is not None
+                self._tick(f"{pname} {task.spec} {L}")
+                g = generate(runner, task, chat, reset=not reuse,
+                             call_kwargs={k: kwargs.get(k) for k in CALL_POLICY_KEYS} if shared else None)
+                st = g["stats"]
+                g["ttft_measured_s"] = g["ttft_s"]
+                if "prefill_s" in st:   # the engine's own prefill time: no sampling, no streaming
+                    g["ttft_s"] = st["prefill_s"]
+                if reuse:
+                    g["ttft_s"], g["ttft_shared"] = shared_prefill[1], shared_prefill[0]
+                elif shared and shares_prefill(kwargs):
+                    shared_prefill = (pname, g["ttft_s"])
+                runs[(pname, task.spec, L)].append({
+                    "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
+                    "prompt_tokens": st.get("prompt_tokens", task.n_tokens),
+                    "answers": task.answers, **g})
+                self._tick()
+        return [_aggregate(spec, pname, n, rs) for pname in self.policies
+                for (pp, spec, n), rs in runs.items() if pp == pname]
+
+    def perplexities(self, ppl_lens, ppl_ids, ppl_decode: int) -> list:
+        """Per context length and policy (full-attention-prefill policies back to back: pylazy
+        reuses their context's cache)."""
+        records = []
+        for n in ppl_lens:
+            for pname in self.order(n):
+                self._tick(f"{pname} perplexity {n}+{ppl_decode}")
+                t0 = time.perf_counter()
+                kwargs = policy_for(self.policies[pname], n)
+                call = {k: kwargs.get(k) for k in CALL_POLICY_KEYS} if self.is_shared(pname, n) else None
+                out = perplexity(self.runner_for(pname, n), ppl_ids[:n + ppl_decode], n, call)
+                records.append({"policy": pname, "context_len": n, "tokens": ppl_decode,
+                                **(out or {"ppl": None}), "seconds": time.perf_counter() - t0})
+                self._tick()
+        records.sort(key=lambda r: (list(self.policies).index(r["policy"]), r["context_len"]))
+        return records
+
+    def close(self) -> None:
+        for runner in self.runners.values():
+            if hasattr(runner, "close"):
+                runner.close()
+        if self.bar:
+            self.bar.close()
 
 
 def _describe_policy(policy, lengths) -> dict:
