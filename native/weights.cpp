@@ -31,11 +31,12 @@ std::vector<ggml_backend_buffer_type_t> weight_extra_bufts() {
     for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
         if (ggml_backend_dev_type(ggml_backend_dev_get(i)) == GGML_BACKEND_DEVICE_TYPE_GPU) return out;
     }
+    // llama.cpp 0.3.36's AMX matmul segfaulted on the AMX CPUs this project was first run on, so there
+    // the reference runs with no extra buffer type at all (pylazy/llama_ref.py) and so does pylazy,
+    // unless PYLAZY_AMX=1: the same kernels on both sides.
     const char * amx = std::getenv("PYLAZY_AMX");
     for (ggml_backend_buffer_type_t b : cpu_extra_bufts()) {
-        // llama.cpp 0.3.36's AMX matmul segfaulted on the AMX CPUs this project was first run on
-        // (pylazy/llama_ref.py): skipped unless PYLAZY_AMX=1.
-        if (std::strcmp(ggml_backend_buft_name(b), "AMX") == 0 && !(amx && std::strcmp(amx, "1") == 0)) continue;
+        if (std::strcmp(ggml_backend_buft_name(b), "AMX") == 0 && !(amx && std::strcmp(amx, "1") == 0)) return {};
         out.push_back(b);
     }
     return out;
