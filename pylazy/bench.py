@@ -511,8 +511,12 @@ def run_bench(args: argparse.Namespace) -> dict:
             result["ttft"] = ttft_rows(eng, tokens, plan.ttft, plan.lazies, repeat, tick)
         if "request" in plan.rows:
             from .bench_request import request_rows
+            from .engine import kv_type
+            same = {"flash_attn": args.flash_attn, "type_k": kv_type(args.type_k), "type_v": kv_type(args.type_v, "type_v")}
             result["request"] = request_rows(path, tokens[:args.request[0]], args.request[1], args.threads,
-                                             plan.n_ctx, tick)
+                                             plan.n_ctx, tick,
+                                             llama_kwargs=dict(same, use_extra_bufts=None if eng.use_extra_bufts else False),
+                                             pylazy_kwargs=dict(same, use_extra_bufts=eng.use_extra_bufts))
         bar.update(bar.total - bar.n)
         bar.close()
     finally:
