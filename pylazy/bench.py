@@ -120,7 +120,7 @@ class Engines:
     def __post_init__(self) -> None:
         from llama_cpp._utils import suppress_stdout_stderr
         from .engine import Context, Model, kv_type
-        from .llama_ref import reference_llama   # the only way to build llama.cpp here (AMX)
+        from .llama_ref import reference_llama   # llama.cpp as a user gets it (except where AMX crashes)
         self.model = Model(self.model_path, n_threads=self.threads, use_extra_bufts=self.use_extra_bufts)
         self.ctx = Context(self.model, n_ctx=self.n_ctx, n_ubatch=self.n_ubatch, n_threads=self.threads,
                            flash_attn=self.flash_attn, type_k=self.type_k, type_v=self.type_v)
