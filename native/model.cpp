@@ -322,14 +322,7 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
     // CPU only: the matrices of matmuls (every 2-D weight but the embedding rows) where llama.cpp puts them.
     const std::vector<ggml_backend_buffer_type_t> extras = !m->backend_gpu && use_extra_bufts ? weight_extra_bufts()
                                                                                                : std::vector<ggml_backend_buffer_type_t>{};
-    auto extra_ctx = [&](const ggml_tensor * meta) -> ggml_context * {
-        if (extras.empty() || ggml_n_dims(meta) < 2) return nullptr;
-        ggml_backend_buffer_type_t b = pick_extra_buft(extras, meta, GGML_OP_MUL_MAT);
-        if (!b) return nullptr;
-        for (auto & e : m->ctx_extra) if (e.first == b) return e.second;
-        m->ctx_extra.push_back({b, ggml_init(ip)});
-        return m->ctx_extra.back().second;
-    };
+    auto extra_ctx = [&](const ggml_tensor * meta) { return extra_weight_context(*m, extras, meta, ip.mem_size); };
     for (const auto & tp : plan) {
         ggml_context * c = tp.on_cpu ? m->ctx_cpu : m->ctx_dev;
         ggml_context * e = tp.dst == &m->tok_embd ? nullptr : extra_ctx(tp.meta);

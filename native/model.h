@@ -84,6 +84,10 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
 std::vector<ggml_backend_buffer_type_t> cpu_extra_bufts();
 std::vector<ggml_backend_buffer_type_t> weight_extra_bufts();
 ggml_backend_buffer_type_t pick_extra_buft(const std::vector<ggml_backend_buffer_type_t> & extras, const ggml_tensor * meta, ggml_op op);
+// The context (of m.ctx_extra, made on first use with room for ctx_size bytes of tensor headers) a
+// matmul weight shaped like meta goes to, or null for a plain buffer.
+ggml_context * extra_weight_context(Model & m, const std::vector<ggml_backend_buffer_type_t> & extras, const ggml_tensor * meta,
+                                    size_t ctx_size);
 
 void set_cpu_threads(ggml_backend_t cpu, int n_threads);
 

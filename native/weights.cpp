@@ -69,4 +69,15 @@ ggml_backend_buffer_type_t pick_extra_buft(const std::vector<ggml_backend_buffer
     return nullptr;
 }
 
+ggml_context * extra_weight_context(Model & m, const std::vector<ggml_backend_buffer_type_t> & extras, const ggml_tensor * meta,
+                                    size_t ctx_size) {
+    if (extras.empty() || ggml_n_dims(meta) < 2) return nullptr;
+    ggml_backend_buffer_type_t b = pick_extra_buft(extras, meta, GGML_OP_MUL_MAT);
+    if (!b) return nullptr;
+    for (auto & e : m.ctx_extra) if (e.first == b) return e.second;
+    ggml_init_params ip = { ctx_size, nullptr, true };
+    m.ctx_extra.push_back({b, ggml_init(ip)});
+    return m.ctx_extra.back().second;
+}
+
 }  // namespace plz
