@@ -41,13 +41,23 @@ extern "C" {
 
 const char * pylazy_last_error(void) { return g_last_error.c_str(); }
 
+int32_t plz_cpu_extra_bufts(char * buf, int32_t size) {
+    std::string names;
+    for (ggml_backend_buffer_type_t b : plz::cpu_extra_bufts()) names += (names.empty() ? "" : ",") + std::string(ggml_backend_buft_name(b));
+    if (!buf || size <= 0) return (int32_t) names.size();
+    const size_t n = std::min(names.size(), (size_t) size - 1);
+    std::memcpy(buf, names.data(), n);
+    buf[n] = 0;
+    return (int32_t) n;
+}
+
 int plz_model_load(const char * path, const plz_model_params * params, plz_model ** out) {
     return guarded([&] {
         require(path && params && out, "null argument");
         *out = nullptr;
         int threads = params->n_threads;
         require(threads <= 1024, "n_threads must be <= 1024");
-        plz::Model * m = plz::load_model(path, params->n_gpu_layers, threads > 0 ? threads : 1);
+        plz::Model * m = plz::load_model(path, params->n_gpu_layers, threads > 0 ? threads : 1, params->use_extra_bufts != 0);
         *out = new plz_model{m};
     });
 }
@@ -85,6 +95,10 @@ int plz_model_get_info(const plz_model * model, plz_model_info * info) {
         for (int il = 0; il < hp.n_layer; ++il) info->n_swa_layers += hp.is_swa(il);
         ggml_backend_t be = m.backend_gpu ? m.backend_gpu : m.backend_cpu;
         std::strncpy(info->backend, ggml_backend_name(be), sizeof(info->backend) - 1);
+        info->n_extra_tensors = m.n_extra_tensors;
+        std::string names;
+        for (const auto & e : m.ctx_extra) names += (names.empty() ? "" : ",") + std::string(ggml_backend_buft_name(e.first));
+        std::strncpy(info->extra_bufts, names.c_str(), sizeof(info->extra_bufts) - 1);
     });
 }
 
@@ -99,7 +113,7 @@ int plz_context_new(plz_model * model, const plz_context_params * params, plz_co
         require(n_ubatch <= 65536, "n_ubatch must be <= 65536");
         int threads = params->n_threads > 0 ? params->n_threads : model->m->n_threads;
         plz::set_cpu_threads(model->m->backend_cpu, threads);
-        plz::Context * c = plz::new_context(model->m, n_ctx, n_ubatch, threads);
+        plz::Context * c = plz::new_context(model->m, n_ctx, n_ubatch, threads, params->flash_attn != 0, params->type_k, params->type_v);
         *out = new plz_context{c};
     });
 }
@@ -265,16 +279,12 @@ int plz_read_kv(const plz_context * ctx, int32_t il, int32_t n, const int32_t * 
         require(il >= 0 && il < c.model->hp.n_layer, "layer out of range");
         const plz::Stage * st = nullptr;
         for (const auto & s : c.stages) if (il >= s.il0 && il < s.il1) st = &s;
-        const int64_t row = c.k[il]->ne[0];
-        std::vector<ggml_fp16_t> tmp(row);
+        const int64_t row = (int64_t) c.model->hp.head_dim * c.model->hp.n_head_kv;
         for (int32_t i = 0; i < n; ++i) {
             require(positions[i] >= 0 && positions[i] < c.n_ctx && st->pos_cell[positions[i]] >= 0,
                     "a requested token was never computed at that layer");
-            const size_t off = (size_t) st->pos_cell[positions[i]] * c.k[il]->nb[1];
-            for (auto pair : { std::make_pair(c.k[il], k), std::make_pair(c.v[il], v) }) {
-                ggml_backend_tensor_get(pair.first, tmp.data(), off, sizeof(ggml_fp16_t) * row);
-                for (int64_t j = 0; j < row; ++j) pair.second[(size_t) i * row + j] = ggml_fp16_to_fp32(tmp[j]);
-            }
+            plz::read_stage_cell(c, il, false, st->pos_cell[positions[i]], k + (size_t) i * row);
+            plz::read_stage_cell(c, il, true, st->pos_cell[positions[i]], v + (size_t) i * row);
         }
     });
 }

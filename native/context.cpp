@@ -75,7 +75,7 @@ struct Inputs {
 // window mask), is not scored for the recycled cache, and reports no query similarity (NaN).
 // Cells [c0, c0 + n) of a layer's K or V cache as [D, n, Hkv]: per KV head, one row per cell.
 ggml_tensor * cache_rows(ggml_context * ctx0, ggml_tensor * t, int D, int Hkv, int64_t c0, int64_t n) {
-    return ggml_view_3d(ctx0, t, D, n, Hkv, t->nb[1], D * ggml_element_size(t), (size_t) c0 * t->nb[1]);
+    return ggml_view_3d(ctx0, t, D, n, Hkv, t->nb[1], ggml_row_size(t->type, D), (size_t) c0 * t->nb[1]);
 }
 
 ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
@@ -112,26 +112,28 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
         q = ggml_scale(ctx0, q, kq_scale);
         kq_scale = 1.0f;
     }
+    // Quantized caches: q/k (v) in the rotated basis llama.cpp stores them in (attention.h).
+    q = rotate_qk(ctx0, c, q);
+    k = rotate_qk(ctx0, c, k);
+    v = rotate_v(ctx0, c, v);
 
     // Write this batch's K/V into its cells first; the attention below reads the cache after it.
     // A view (not a reshape) between RoPE and set_rows: ggml's CUDA backend fuses ROPE+VIEW+SET_ROWS.
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.k[il], ggml_view_2d(ctx0, k, D * Hkv, n, k->nb[2], 0), in.cells));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, c.v[il], v, in.cells));
+    ggml_build_forward_expand(gf, store_stage_v(ctx0, c, c.v[il], v_source(ctx0, c, v), in.cells));
 
     ggml_tensor * kc = cache_rows(ctx0, c.k[il], D, Hkv, 0, n_kv);
-    ggml_tensor * vc = cache_rows(ctx0, c.v[il], D, Hkv, 0, n_kv);
 
     // Last row's query per head, [D, 1, H]; K broadcasts over the query heads of its group.
     ggml_tensor * q_last = ggml_view_3d(ctx0, q, D, 1, H, q->nb[1], q->nb[1], (size_t) (n - 1) * q->nb[2]);
     ggml_tensor * mask_last = ggml_view_2d(ctx0, mask, n_kv, 1, mask->nb[1], (size_t) (n - 1) * mask->nb[1]);
     // The fresh token is the last row (a refresh batch may start with revived rows).
-    ggml_tensor * v3 = ggml_reshape_3d(ctx0, v, D, Hkv, n);
     ggml_tensor * k_last = ggml_view_3d(ctx0, k, D, Hkv, 1, k->nb[1], k->nb[2], (size_t) (n - 1) * k->nb[2]);
-    ggml_tensor * v_last = ggml_view_3d(ctx0, v3, D, Hkv, 1, v3->nb[1], v3->nb[2], (size_t) (n - 1) * v3->nb[2]);
+    ggml_tensor * v_last = v_source(ctx0, c, ggml_view_2d(ctx0, v, D * Hkv, 1, v->nb[1], (size_t) (n - 1) * v->nb[1]));
     if (recycle && in.kind == StepKind::Refresh) {
         ggml_tensor * logits = build_refresh_layer(ctx0, gf, c, il, q_last, kc);
-        in.refresh->push_back({il, kc, vc, logits, ggml_permute(ctx0, k_last, 0, 2, 1, 3), ggml_permute(ctx0, v_last, 0, 2, 1, 3),
-                               mask_last, kq_scale});
+        in.refresh->push_back({il, kc, v_stage_rows(ctx0, c, c.v[il], 0, n_kv), logits, ggml_permute(ctx0, k_last, 0, 2, 1, 3),
+                               v_last, mask_last, kq_scale});
     }
     if (in.sims) in.sims->push_back(recycle ? build_query_similarity(ctx0, c, il, q_last) : nullptr);
     if (scores) {
@@ -156,10 +158,9 @@ ggml_tensor * build_layer(ggml_context * ctx0, ggml_cgraph * gf, Context & c, in
     if (recycle && in.kind == StepKind::Recycled) {
         attn = build_recycled_attention(ctx0, gf, c, il, q, k_last, v_last, in.rec, kq_scale);
     } else {
-        attn = ggml_flash_attn_ext(ctx0, q, kc, vc, mask, kq_scale, 0.0f, 0.0f);
-        ggml_prec_set_acc(attn, GGML_PREC_F32);
+        attn = build_attention(ctx0, c, q, kc, v_operand(ctx0, c, c.v[il], false, n_kv), mask, kq_scale);
     }
-    attn = ggml_reshape_2d(ctx0, attn, D * H, n);
+    attn = rotate_v(ctx0, c, ggml_reshape_2d(ctx0, attn, D * H, n));
     ggml_tensor * out = bias(ggml_mul_mat(ctx0, L.wo, attn), L.bo);
     if (n_out < n) {
         auto last_rows = [&](ggml_tensor * t) { return ggml_view_2d(ctx0, t, t->ne[0], n_out, t->nb[1], (size_t) (n - n_out) * t->nb[1]); };
@@ -231,10 +232,10 @@ static ggml_backend_t compute_backend(const Context & c) {
     return c.model->backend_gpu ? c.model->backend_gpu : c.model->backend_cpu;
 }
 
-// An I32 tensor over the memory of an allocated F16 tensor (pairs of halves as one int).
-ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t) {
-    GGML_ASSERT(t->type == GGML_TYPE_F16 && t->ne[0] % 2 == 0);
-    ggml_tensor * a = ggml_new_tensor_4d(ctx, GGML_TYPE_I32, t->ne[0] / 2, t->ne[1], t->ne[2], t->ne[3]);
+// An I32 tensor over the memory of an allocated cache tensor (four bytes of a row as one int).
+ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t, int D) {
+    if (ggml_row_size(t->type, D) % sizeof(int32_t) != 0) return nullptr;
+    ggml_tensor * a = ggml_new_tensor_4d(ctx, GGML_TYPE_I32, ggml_row_size(t->type, t->ne[0]) / sizeof(int32_t), t->ne[1], t->ne[2], t->ne[3]);
     if (ggml_backend_tensor_alloc(buf, a, t->data) != GGML_STATUS_SUCCESS) throw Error(PLZ_ERR_RUNTIME, "cannot alias a cache tensor");
     return a;
 }
@@ -242,14 +243,13 @@ ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_ten
 // (Re)allocates the K/V tensors of a stage with `capacity` cells, keeping the first n_cells rows.
 static void alloc_stage(Context & c, Stage & s, int capacity) {
     drop_graph_cache(c);
-    const Hparams & hp = c.model->hp;
-    const int64_t row = (int64_t) hp.head_dim * hp.n_head_kv;
+    const int D = c.model->hp.head_dim;
     ggml_init_params ip = { ggml_tensor_overhead() * (4 * (s.il1 - s.il0) + 1), nullptr, true };
     ggml_context * ctx = ggml_init(ip);
     std::vector<ggml_tensor *> nk, nv;
     for (int il = s.il0; il < s.il1; ++il) {
-        nk.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, row, capacity));
-        nv.push_back(ggml_new_tensor_2d(ctx, GGML_TYPE_F16, row, capacity));
+        nk.push_back(new_stage_cache(ctx, c, false, capacity));
+        nv.push_back(new_stage_cache(ctx, c, true, capacity));
     }
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_get_default_buffer_type(compute_backend(c)));
     if (!buf) {
@@ -259,14 +259,9 @@ static void alloc_stage(Context & c, Stage & s, int capacity) {
     // Unused cells are masked, but 0 * NaN is still NaN inside some attention kernels: start from zeros.
     ggml_backend_buffer_clear(buf, 0);
     if (s.n_cells > 0) {
-        std::vector<uint8_t> tmp;
         for (int il = s.il0; il < s.il1; ++il) {
-            for (auto pair : { std::make_pair(c.k[il], nk[il - s.il0]), std::make_pair(c.v[il], nv[il - s.il0]) }) {
-                const size_t bytes = pair.first->nb[1] * (size_t) s.n_cells;
-                tmp.resize(bytes);
-                ggml_backend_tensor_get(pair.first, tmp.data(), 0, bytes);
-                ggml_backend_tensor_set(pair.second, tmp.data(), 0, bytes);
-            }
+            copy_stage_cells(c, false, c.k[il], nk[il - s.il0], s.n_cells);
+            copy_stage_cells(c, true, c.v[il], nv[il - s.il0], s.n_cells);
         }
     }
     free_stage(s);
@@ -276,8 +271,8 @@ static void alloc_stage(Context & c, Stage & s, int capacity) {
     for (int il = s.il0; il < s.il1; ++il) {
         c.k[il] = nk[il - s.il0];
         c.v[il] = nv[il - s.il0];
-        c.k_bits[il] = bits_alias(ctx, buf, c.k[il]);
-        c.v_bits[il] = bits_alias(ctx, buf, c.v[il]);
+        c.k_bits[il] = bits_alias(ctx, buf, c.k[il], D);
+        c.v_bits[il] = c.kv.v_trans ? nullptr : bits_alias(ctx, buf, c.v[il], D);
     }
 }
 
@@ -312,6 +307,7 @@ Context::~Context() {
         if (sched[i]) ggml_backend_sched_free(sched[i]);
     }
     rec.free_buffers();
+    kv.free();
     for (auto & s : stages) free_stage(s);
     if (buf_aux) ggml_backend_buffer_free(buf_aux);
     if (ctx_aux) ggml_free(ctx_aux);
@@ -828,10 +824,10 @@ void refresh_picks(Context & c) {
         for (int il : pk.layers) {
             ggml_tensor * kc = cache_rows(ctx0, c.k[il], D, Hkv, 0, pk.n_kv);
             ggml_tensor * logits = ggml_mul_mat(ctx0, kc, ggml_reshape_3d(ctx0, r.rq[il], D, H / Hkv, Hkv));
-            // The refresh token's K/V, [D, 1, Hkv], from its cell (the refresh graph wrote them there).
-            layers.push_back({il, kc, cache_rows(ctx0, c.v[il], D, Hkv, 0, pk.n_kv), logits,
-                              cache_rows(ctx0, c.k[il], D, Hkv, pk.own_cell, 1), cache_rows(ctx0, c.v[il], D, Hkv, pk.own_cell, 1),
-                              mask, pk.kq_scale});
+            // The refresh token's K/V are copied from its cell (the refresh graph wrote them there).
+            RefreshLayer l{il, kc, v_stage_rows(ctx0, c, c.v[il], 0, pk.n_kv), logits, nullptr, nullptr, mask, pk.kq_scale};
+            l.src_cell = pk.own_cell;
+            layers.push_back(l);
         }
         ggml_tensor * sorted = build_refresh_gather(ctx0, gf, c, layers, in);
         if (!ggml_backend_sched_alloc_graph(sched, gf)) throw Error(PLZ_ERR_RUNTIME, "cannot allocate the refresh picks graph");
@@ -1018,7 +1014,7 @@ static void make_causal_template(Context & c) {
     }
 }
 
-Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
+Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads, bool flash, int type_k, int type_v) {
     const Hparams & hp = model->hp;
     std::unique_ptr<Context> c(new Context());
     c->model = model;
@@ -1033,9 +1029,12 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads) {
     const char * prof = std::getenv("PYLAZY_PROFILE");
     c->profile.enabled = prof && *prof && std::strcmp(prof, "0") != 0;
     const bool per_op = env_is("PYLAZY_PROFILE", "ops");
+    configure_kv_format(*c, flash, type_k, type_v);
 #ifdef PLZ_CUDA_GATHER
+    // The kernel copies F16 rows per KV head: the flash-attention layout with F16 caches only.
     c->cuda_gather = model->backend_gpu && std::strncmp(ggml_backend_name(model->backend_gpu), "CUDA", 4) == 0 &&
-                     !env_is("PYLAZY_CUDA_GATHER", "0");
+                     !env_is("PYLAZY_CUDA_GATHER", "0") && !c->kv.v_trans &&
+                     c->kv.type_k == GGML_TYPE_F16 && c->kv.type_v == GGML_TYPE_F16;
 #endif
     c->graph_reuse = !env_is("PYLAZY_GRAPH_REUSE", "0");
     configure_stages(*c, {}, {});

@@ -6,12 +6,13 @@
 // stage hold the same tokens, so each stage has its own cell numbering: a cell holds one token's K/V at
 // every layer of the stage, written with set_rows at a host-chosen cell index, RoPE already applied at
 // the token's true position. Each layer owns K and V tensors [head_dim * n_head_kv, stage capacity]
-// (F16). `Stage::cell_pos` (cell -> position) is all the attention mask is built from, so:
+// of the context's cache types (V transposed without flash attention: attention.h). `Stage::cell_pos` (cell -> position) is all the attention mask is built from, so:
 //  - a later stage holds only the tokens computed there; its tensors are sized by its keep ratio and
 //    grow (reallocation) only when decode and revival need more cells;
 //  - recycled attention views a layer's K as [head_dim, cells, n_head_kv] and gathers per KV head the
 //    top-K cells with get_rows (indices [K, n_head_kv]) into a small recycled cache.
 #pragma once
+#include "attention.h"
 #include "model.h"
 #include "recycle.h"
 
@@ -53,9 +54,11 @@ struct Context {
 
     std::vector<Stage> stages;
     std::vector<ggml_tensor *> k, v;    // per layer, pointing into the layer's stage
-    // The same memory as k, v seen as I32 [head_dim * n_head_kv / 2, capacity]: get_rows on these copies
-    // F16 rows bit for bit (on F16 it converts to F32), which the refresh gather uses (recycle.cpp).
+    // The same memory as k, v seen as I32 [row bytes / 4, capacity]: get_rows on these copies rows bit
+    // for bit (on F16 it converts to F32, on quantized types it dequantizes), which the refresh gather
+    // uses (recycle.cpp). Null where a KV head's row is not a whole number of ints, or V is transposed.
     std::vector<ggml_tensor *> k_bits, v_bits;
+    KvFormat kv;                        // flash attention or not, cache types, rotation (attention.h)
     // aux[s], s >= 1: hidden state entering stage s of every token computed in stage s-1, indexed by
     // position ([n_embd, n_ctx] F32): what a pruned token is revived from.
     std::vector<ggml_tensor *> aux;
@@ -108,7 +111,9 @@ struct Context {
     ~Context();
 };
 
-Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads);
+// type_k / type_v: ggml_type values (< 0: F16); flash: ggml_flash_attn_ext instead of llama.cpp's
+// mul_mat + soft_max path (attention.h).
+Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads, bool flash = false, int type_k = -1, int type_v = -1);
 
 // Pruning schedule: after layer layers[i], keep the fraction keep[i] of all tokens. Empty = full
 // attention. Only on an empty context (n_past == 0).
@@ -122,8 +127,9 @@ void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * l
 void reset(Context * c);
 void drop_graph_cache(Context & c);
 
-// An I32 tensor created in ctx over the memory of t, an allocated F16 tensor of buf (two halves per int).
-ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t);
+// An I32 tensor created in ctx over the memory of t, an allocated cache tensor of buf whose rows split
+// into KV-head rows of D values each; null when such a head row is not a whole number of ints.
+ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t, int D);
 
 // Forgets every token at position >= n (full attention only), as llama.cpp's cache truncation: the
 // next eval continues at n. Used to reuse a prompt's cache across generations.

@@ -20,6 +20,7 @@ Model::~Model() {
     for (auto * b : buffers) ggml_backend_buffer_free(b);
     if (ctx_cpu) ggml_free(ctx_cpu);
     if (ctx_dev && ctx_dev != ctx_cpu) ggml_free(ctx_dev);
+    for (auto & e : ctx_extra) ggml_free(e.second);
     if (backend_gpu) ggml_backend_free(backend_gpu);
     if (backend_cpu) ggml_backend_free(backend_cpu);
 }
@@ -222,7 +223,7 @@ static int64_t dim_size(const Hparams & hp, Dim d) {
     throw Error(PLZ_ERR_RUNTIME, "unknown tensor dimension in the architecture table");
 }
 
-Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
+Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bool use_extra_bufts) {
     FILE * probe = std::fopen(path.c_str(), "rb");
     if (!probe) throw load_error("cannot open model file '" + path + "'");
     std::fseek(probe, 0, SEEK_END);
@@ -310,32 +311,42 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads) {
     ggml_init_params ip = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc*/ true };
     m->ctx_cpu = ggml_init(ip);
     m->ctx_dev = m->backend_gpu ? ggml_init(ip) : m->ctx_cpu;
+    // CPU only: the matrices of matmuls (every 2-D weight but the embedding rows) where llama.cpp puts them.
+    const std::vector<ggml_backend_buffer_type_t> extras = !m->backend_gpu && use_extra_bufts ? weight_extra_bufts()
+                                                                                               : std::vector<ggml_backend_buffer_type_t>{};
+    auto extra_ctx = [&](const ggml_tensor * meta) { return extra_weight_context(*m, extras, meta, ip.mem_size); };
     for (const auto & tp : plan) {
         ggml_context * c = tp.on_cpu ? m->ctx_cpu : m->ctx_dev;
-        *tp.dst = ggml_dup_tensor(c, tp.meta);
+        ggml_context * e = tp.dst == &m->tok_embd ? nullptr : extra_ctx(tp.meta);
+        *tp.dst = ggml_dup_tensor(e ? e : c, tp.meta);
         ggml_set_name(*tp.dst, tp.meta->name);
+        m->n_extra_tensors += e != nullptr;
     }
-    // Tied output head: the matmul should run where the layers run, so the GPU gets its own copy.
+    // Tied output head: the matmul should run where the layers run, so the GPU gets its own copy; so
+    // does an extra buffer type that takes it for the matmul (llama.cpp duplicates it the same way).
     ggml_tensor * out_copy_src = nullptr;
     if (m->tied_output) {
-        if (m->backend_gpu) {
-            ggml_tensor * emb_meta = ggml_get_tensor(meta, "token_embd.weight");
-            m->output = ggml_dup_tensor(m->ctx_dev, emb_meta);
+        ggml_tensor * emb_meta = ggml_get_tensor(meta, "token_embd.weight");
+        ggml_context * e = m->backend_gpu ? m->ctx_dev : extra_ctx(emb_meta);
+        if (e) {
+            m->output = ggml_dup_tensor(e, emb_meta);
             ggml_set_name(m->output, "output.weight(tied)");
             out_copy_src = emb_meta;
+            m->n_extra_tensors += !m->backend_gpu;
         } else {
             m->output = m->tok_embd;
         }
     }
-    auto alloc = [&](ggml_context * c, ggml_backend_t be) {
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, ggml_backend_get_default_buffer_type(be));
+    auto alloc = [&](ggml_context * c, ggml_backend_buffer_type_t buft) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
         if (!buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating model weights");
         ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
         m->buffers.push_back(buf);
         m->weight_bytes += ggml_backend_buffer_get_size(buf);
     };
-    alloc(m->ctx_cpu, m->backend_cpu);
-    if (m->backend_gpu) alloc(m->ctx_dev, m->backend_gpu);
+    alloc(m->ctx_cpu, ggml_backend_get_default_buffer_type(m->backend_cpu));
+    if (m->backend_gpu) alloc(m->ctx_dev, ggml_backend_get_default_buffer_type(m->backend_gpu));
+    for (auto & e : m->ctx_extra) alloc(e.second, e.first);
 
     // Tensor data: one read per tensor straight into host buffers, through a staging vector for the GPU.
     FILE * f = std::fopen(path.c_str(), "rb");

@@ -65,6 +65,9 @@ struct Model {
 
     ggml_context * ctx_cpu = nullptr;     // tensors placed in host memory
     ggml_context * ctx_dev = nullptr;     // tensors placed on the compute device (== host when CPU only)
+    // Weights in the CPU's extra (repacked) buffer types, one context per type (weights.cpp).
+    std::vector<std::pair<ggml_backend_buffer_type_t, ggml_context *>> ctx_extra;
+    int n_extra_tensors = 0;
     std::vector<ggml_backend_buffer_t> buffers;
     size_t weight_bytes = 0;
 
@@ -72,7 +75,19 @@ struct Model {
 };
 
 // Loads and validates a GGUF file; throws Error(PLZ_ERR_LOAD, "...") naming what is wrong.
-Model * load_model(const std::string & path, int n_gpu_layers, int n_threads);
+// use_extra_bufts: CPU weights in the extra buffer types llama.cpp would put them in (weights.cpp).
+Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bool use_extra_bufts = true);
+
+// weights.cpp: the CPU backend's extra buffer types; those weights may go to (none with a GPU device
+// present, AMX only with PYLAZY_AMX=1); the first of `extras` that runs op (MUL_MAT / GET_ROWS) on a
+// weight shaped like meta, or null.
+std::vector<ggml_backend_buffer_type_t> cpu_extra_bufts();
+std::vector<ggml_backend_buffer_type_t> weight_extra_bufts();
+ggml_backend_buffer_type_t pick_extra_buft(const std::vector<ggml_backend_buffer_type_t> & extras, const ggml_tensor * meta, ggml_op op);
+// The context (of m.ctx_extra, made on first use with room for ctx_size bytes of tensor headers) a
+// matmul weight shaped like meta goes to, or null for a plain buffer.
+ggml_context * extra_weight_context(Model & m, const std::vector<ggml_backend_buffer_type_t> & extras, const ggml_tensor * meta,
+                                    size_t ctx_size);
 
 void set_cpu_threads(ggml_backend_t cpu, int n_threads);
 

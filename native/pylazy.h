@@ -28,6 +28,10 @@ typedef struct plz_context plz_context;
 typedef struct plz_model_params {
     int32_t n_gpu_layers;   // 0: CPU only; any other value: every layer on the best GPU if one exists
     int32_t n_threads;      // CPU threads (<= 0: all cores)
+    // 1: weights of matrix products go to the CPU's "extra" buffer types where ggml offers one for them
+    // (repacked, interleaved layouts for Q4_0 / IQ4_NL / Q4_K ... on AVX2 or NEON), as llama.cpp's
+    // use_extra_bufts does; 0: plain CPU buffers. Only when the model runs on the CPU.
+    int32_t use_extra_bufts;
 } plz_model_params;
 
 typedef struct plz_model_info {
@@ -41,15 +45,24 @@ typedef struct plz_model_info {
     char     backend[64];     // name of the backend that computes the layers
     int32_t  n_swa;           // sliding window of the SWA layers (gemma3), 0: every layer global
     int32_t  n_swa_layers;    // how many layers use it
+    int32_t  n_extra_tensors; // weights placed in an extra (repacked) buffer type
+    char     extra_bufts[64]; // names of those buffer types, comma-separated ("" when none)
 } plz_model_info;
 
 typedef struct plz_context_params {
     int32_t n_ctx;          // KV capacity in tokens (<= 0: the model's training context)
     int32_t n_ubatch;       // prefill chunk size (<= 0: 512)
     int32_t n_threads;      // <= 0: the model's setting
+    int32_t flash_attn;     // 1: ggml_flash_attn_ext; 0: mul_mat + soft_max_ext, llama.cpp's default path
+    int32_t type_k;         // KV cache types as ggml_type values (F16 = 1, Q8_0 = 8, Q4_0 = 2 ...); < 0: F16.
+    int32_t type_v;         // A quantized V needs flash_attn (as in llama.cpp).
 } plz_context_params;
 
 PLZ_API const char * pylazy_last_error(void);
+
+// Names of the CPU backend's extra buffer types on this machine, comma-separated (e.g. "CPU_REPACK"):
+// what use_extra_bufts may use. Returns the length written (truncated to size - 1).
+PLZ_API int32_t plz_cpu_extra_bufts(char * buf, int32_t size);
 
 PLZ_API int  plz_model_load(const char * path, const plz_model_params * params, plz_model ** out);
 PLZ_API void plz_model_free(plz_model * model);

@@ -38,8 +38,8 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, in
     ggml_init_params ip = { ggml_tensor_overhead() * (6 * L + 1), nullptr, true };
     r.ctx = ggml_init(ip);
     for (int il = 0; il < L; ++il) {
-        r.rk.push_back(ggml_new_tensor_3d(r.ctx, GGML_TYPE_F16, D, r.rows, Hkv));
-        r.rv.push_back(ggml_new_tensor_3d(r.ctx, GGML_TYPE_F16, D, r.rows, Hkv));
+        r.rk.push_back(new_recycled_cache(r.ctx, c, false, r.rows));
+        r.rv.push_back(new_recycled_cache(r.ctx, c, true, r.rows));
         r.rq.push_back(ggml_new_tensor_1d(r.ctx, GGML_TYPE_F32, (int64_t) D * hp.n_head));
         r.ridx.push_back(ggml_new_tensor_2d(r.ctx, GGML_TYPE_I32, k, Hkv));
     }
@@ -48,8 +48,8 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, in
     if (!r.buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the recycled cache");
     ggml_backend_buffer_clear(r.buf, 0);
     for (int il = 0; il < L; ++il) {
-        r.rk_bits.push_back(bits_alias(r.ctx, r.buf, r.rk[il]));
-        r.rv_bits.push_back(bits_alias(r.ctx, r.buf, r.rv[il]));
+        r.rk_bits.push_back(bits_alias(r.ctx, r.buf, r.rk[il], D));
+        r.rv_bits.push_back(c.kv.v_trans ? nullptr : bits_alias(r.ctx, r.buf, r.rv[il], D));
     }
 }
 
@@ -109,18 +109,72 @@ ggml_tensor * build_refresh_best(ggml_context * ctx0, Context & c, const std::ve
     return best_of_rows(ctx0, refresh_scores(ctx0, c.rec, layers, false, nullptr));
 }
 
+// Per KV head, the cells idx [n_take, Hkv] of a stage cache (rows: its [D, n_kv, Hkv] rows) into the first
+// n_take rows of a recycled cache. Through the I32 aliases where there are some: bytes copied as they are
+// (a whole block placed straight on the recycled cache's memory; quantized rows need this, a round trip
+// through F32 could requantize them differently). Otherwise through F32 rows, exact for float types.
+static void gather_rows(ggml_context * ctx0, ggml_cgraph * gf, Context & c, bool is_v, ggml_tensor * src_bits, ggml_tensor * dst_bits,
+                        ggml_tensor * rows_src, ggml_tensor * dst, ggml_tensor * idx, bool whole) {
+    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
+    const int64_t n_take = idx->ne[0], n_kv = rows_src->ne[1];
+    const bool float_type = !ggml_is_quantized(dst->type);
+    if (src_bits && dst_bits && (whole || !float_type)) {
+        const int64_t hi = (int64_t) (ggml_row_size(dst->type, D) / sizeof(int32_t));
+        ggml_tensor * src = ggml_view_3d(ctx0, src_bits, hi, n_kv, Hkv, src_bits->nb[1], hi * sizeof(int32_t), 0);
+        ggml_tensor * rows = ggml_get_rows(ctx0, src, idx);   // [hi, n_take, Hkv] I32
+        if (whole) {
+            // get_rows' result has the recycled cache's shape: it is placed on that memory (the allocator
+            // leaves a tensor that has memory alone), so the rows land there with no copy.
+            if (ggml_backend_tensor_alloc(c.rec.buf, rows, dst->data) != GGML_STATUS_SUCCESS) {
+                throw Error(PLZ_ERR_RUNTIME, "cannot place the refresh gather in the recycled cache");
+            }
+            ggml_build_forward_expand(gf, rows);
+        } else {
+            ggml_build_forward_expand(gf, ggml_cpy(ctx0, rows, ggml_view_3d(ctx0, dst_bits, hi, n_take, Hkv, dst_bits->nb[1], dst_bits->nb[2], 0)));
+        }
+        return;
+    }
+    ggml_tensor * rows = ggml_get_rows(ctx0, rows_src, idx);   // [D, n_take, Hkv] F32
+    if (is_v) {
+        ggml_build_forward_expand(gf, put_recycled_v_rows(ctx0, c, dst, rows));
+    } else {
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, rows, ggml_view_3d(ctx0, dst, D, n_take, Hkv, dst->nb[1], dst->nb[2], 0)));
+    }
+}
+
+// The refresh token's K/V into the first tail row (row k): from the fresh rows, or copied from its stage cell.
+static void write_tail_row(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const RefreshLayer & l, const RecycleInputs & in) {
+    RecycleState & r = c.rec;
+    const int il = l.il, D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
+    if (l.src_cell < 0) {
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], l.k_fresh, in.tail_row));
+        ggml_build_forward_expand(gf, store_recycled_v(ctx0, c, r.rv[il], l.v_fresh, in.tail_row));
+        return;
+    }
+    ggml_tensor * k = c.k[il], * v = c.v[il], * rk = r.rk[il], * rv = r.rv[il];
+    ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_3d(ctx0, k, D, 1, Hkv, k->nb[1], ggml_row_size(k->type, D), (size_t) l.src_cell * k->nb[1]),
+                                           ggml_view_3d(ctx0, rk, D, 1, Hkv, rk->nb[1], rk->nb[2], (size_t) r.k * rk->nb[1])));
+    if (c.kv.v_trans) {
+        const size_t es = ggml_element_size(v);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_3d(ctx0, v, 1, D, Hkv, v->nb[1], v->nb[1] * D, (size_t) l.src_cell * es),
+                                               ggml_view_3d(ctx0, rv, 1, D, Hkv, rv->nb[1], rv->nb[2], (size_t) r.k * es)));
+    } else {
+        ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_3d(ctx0, v, D, 1, Hkv, v->nb[1], ggml_row_size(v->type, D), (size_t) l.src_cell * v->nb[1]),
+                                               ggml_view_3d(ctx0, rv, D, 1, Hkv, rv->nb[1], rv->nb[2], (size_t) r.k * rv->nb[1])));
+    }
+}
+
 ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Context & c, const std::vector<RefreshLayer> & layers,
                                    const RecycleInputs & in) {
     if (layers.empty()) return nullptr;
     RecycleState & r = c.rec;
-    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
+    const int Hkv = c.model->hp.n_head_kv;
     const int n_kv = (int) layers[0].kc->ne[1];
     // Top-k mode with at least R candidates takes the top R per head, not k, and gathers all R rows:
     // the gathered block [D, R, Hkv] then has the recycled cache's layout and is written in place
-    // there. It is gathered as I32 pairs of halves (the *_bits views), so the rows go over
-    // bit for bit with no F32 round trip (get_rows of F16 returns F32: the F32 block plus its F16
-    // conversion cost ~9 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and
-    // masked until then.
+    // there. It is gathered as I32 (the *_bits views, gather_rows), so the rows go over bit for bit
+    // with no F32 round trip (get_rows of F16 returns F32: the F32 block plus its F16 conversion cost
+    // ~9 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and masked until then.
     const bool whole = r.mode == 1 && n_kv >= r.rows;
     const int n_take = whole ? r.rows : r.k;
     ggml_tensor * idx_all = nullptr;   // [n_take, Hkv * n_layers]
@@ -139,29 +193,11 @@ ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Contex
         // The chosen cells, for plz_recycle_positions: the first k per head.
         ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_view_2d(ctx0, idx, r.k, Hkv, idx->nb[1], 0), r.ridx[il]));
         if (kernel_idx) continue;
-        if (whole) {
-            // get_rows over [D/2, n_kv, Hkv] (I32) with indices [R, Hkv]: per KV head its own cells. Its
-            // result is placed on the recycled cache's memory (the allocator leaves a tensor that has
-            // memory alone), so the rows land there with no copy.
-            for (auto kv : { std::make_pair(c.k_bits[il], r.rk_bits[il]), std::make_pair(c.v_bits[il], r.rv_bits[il]) }) {
-                ggml_tensor * src = ggml_view_3d(ctx0, kv.first, D / 2, n_kv, Hkv, kv.first->nb[1], (D / 2) * sizeof(int32_t), 0);
-                ggml_tensor * rows = ggml_get_rows(ctx0, src, idx);   // [D/2, R, Hkv] I32, the recycled cache's shape
-                if (ggml_backend_tensor_alloc(r.buf, rows, kv.second->data) != GGML_STATUS_SUCCESS) {
-                    throw Error(PLZ_ERR_RUNTIME, "cannot place the refresh gather in the recycled cache");
-                }
-                ggml_build_forward_expand(gf, rows);
-            }
-        } else {
-            // Fewer cells than R (short contexts) or sinks + window: F32 rows into the first k rows.
-            ggml_tensor * dst_k = ggml_view_3d(ctx0, r.rk[il], D, n_take, Hkv, r.rk[il]->nb[1], r.rk[il]->nb[2], 0);
-            ggml_tensor * dst_v = ggml_view_3d(ctx0, r.rv[il], D, n_take, Hkv, r.rv[il]->nb[1], r.rv[il]->nb[2], 0);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].kc, idx), dst_k));
-            ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_get_rows(ctx0, layers[j].vc, idx), dst_v));
-        }
+        gather_rows(ctx0, gf, c, false, c.k_bits[il], r.rk_bits[il], layers[j].kc, r.rk[il], idx, whole);
+        gather_rows(ctx0, gf, c, true, c.v_bits[il], r.rv_bits[il], layers[j].vc, r.rv[il], idx, whole);
         // The refresh token is the first tail row (row k), written after the gather (graph order: the
         // gather of a whole block wrote that row too).
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], layers[j].k_fresh, in.tail_row));
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], layers[j].v_fresh, in.tail_row));
+        write_tail_row(ctx0, gf, c, layers[j], in);
     }
     return kernel_idx;
 }
@@ -171,10 +207,8 @@ ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Co
                                        const RecycleInputs & in, float kq_scale) {
     RecycleState & r = c.rec;
     ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rk[il], ggml_permute(ctx0, k_fresh, 0, 2, 1, 3), in.tail_row));
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx0, r.rv[il], ggml_permute(ctx0, v_fresh, 0, 2, 1, 3), in.tail_row));
-    ggml_tensor * attn = ggml_flash_attn_ext(ctx0, q, r.rk[il], r.rv[il], in.mask, kq_scale, 0.0f, 0.0f);
-    ggml_prec_set_acc(attn, GGML_PREC_F32);
-    return attn;
+    ggml_build_forward_expand(gf, store_recycled_v(ctx0, c, r.rv[il], v_fresh, in.tail_row));
+    return build_attention(ctx0, c, q, r.rk[il], v_operand(ctx0, c, r.rv[il], true, r.rows), in.mask, kq_scale);
 }
 
 ggml_tensor * build_query_similarity(ggml_context * ctx0, Context & c, int il, ggml_tensor * q) {

@@ -1,6 +1,7 @@
 // Recycled attention (arXiv 2411.05787 / RefreshKV) during decode.
 //
-// Per layer, a recycled cache [head_dim, R, n_head_kv] (F16) whose rows [0, n_sel) hold, per KV head,
+// Per layer, a recycled cache [head_dim, R, n_head_kv] (the stage caches' types; V transposed,
+// [R, head_dim, n_head_kv], without flash attention: attention.h) whose rows [0, n_sel) hold, per KV head,
 // the K/V of the tokens chosen at the last refresh, and whose tail rows [k, k + n_tail) hold the tokens
 // decoded since (the refresh token first). A refresh step is a full step that also scores every
 // visible cell (softmax of the one query, max over the query heads sharing the KV head), takes the
@@ -35,8 +36,8 @@ struct RecycleState {
                                  // steps attend as full attention would (K >= context is exact)
     ggml_context * ctx = nullptr;
     ggml_backend_buffer_t buf = nullptr;
-    std::vector<ggml_tensor *> rk, rv;  // per layer [D, R, Hkv] F16
-    std::vector<ggml_tensor *> rk_bits, rv_bits;  // the same memory as I32 [D / 2, R, Hkv]
+    std::vector<ggml_tensor *> rk, rv;  // per layer [D, R, Hkv] (V: [R, D, Hkv] when transposed)
+    std::vector<ggml_tensor *> rk_bits, rv_bits;  // the same memory as I32 [head row bytes / 4, R, Hkv], or null
     std::vector<ggml_tensor *> rq;     // per layer [D * H] F32: the query of the last refresh
     std::vector<ggml_tensor *> ridx;  // per layer [k, Hkv] I32: cells chosen at the last refresh
     int64_t full_steps = 0, recycled_steps = 0;
@@ -80,9 +81,10 @@ struct RefreshLayer {
     ggml_tensor * kc;     // [D, n_kv, Hkv] view of the stage cache
     ggml_tensor * vc;
     ggml_tensor * logits; // [n_kv, G, Hkv] or null
-    ggml_tensor * k_fresh, * v_fresh;  // the refresh token's K/V [D, 1, Hkv]: the first tail row
+    ggml_tensor * k_fresh, * v_fresh;  // the refresh token's K [D, 1, Hkv] and V (v_source): the first tail row
     ggml_tensor * mask;   // the fresh row's attention mask [n_kv, 1] (the same at every layer of a stage)
     float kq_scale;
+    int src_cell = -1;    // >= 0: k_fresh/v_fresh unused, the first tail row is copied from this stage cell
 };
 
 // Refresh, after the last layer: all layers' logits stacked, then ONE softmax (scale and mask of the
@@ -99,7 +101,7 @@ ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, Contex
 // the layers and KV heads of `layers` [n_kv], before any share term.
 ggml_tensor * build_refresh_best(ggml_context * ctx0, Context & c, const std::vector<RefreshLayer> & layers);
 
-// Attention of a recycled step at layer il over the recycled cache; k_fresh/v_fresh [D, Hkv, 1].
+// Attention of a recycled step at layer il over the recycled cache; k_fresh [D, Hkv, 1], v_fresh a v_source.
 ggml_tensor * build_recycled_attention(ggml_context * ctx0, ggml_cgraph * gf, Context & c, int il,
                                        ggml_tensor * q, ggml_tensor * k_fresh, ggml_tensor * v_fresh,
                                        const RecycleInputs & in, float kq_scale);

@@ -25,7 +25,7 @@ PLZ_RECYCLE_WINDOW = 2
 
 
 class ModelParams(ctypes.Structure):
-    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32)]
+    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("use_extra_bufts", ctypes.c_int32)]
 
 
 class ModelInfo(ctypes.Structure):
@@ -41,6 +41,7 @@ class ModelInfo(ctypes.Structure):
         ("weight_bytes", ctypes.c_uint64),
         ("backend", ctypes.c_char * 64),
         ("n_swa", ctypes.c_int32), ("n_swa_layers", ctypes.c_int32),
+        ("n_extra_tensors", ctypes.c_int32), ("extra_bufts", ctypes.c_char * 64),
     ]
 
 
@@ -54,7 +55,8 @@ PLZ_DIMS = ("1", "n_embd", "n_vocab", "n_ff", "head_dim", "q", "kv", "rope_half"
 
 
 class ContextParams(ctypes.Structure):
-    _fields_ = [("n_ctx", ctypes.c_int32), ("n_ubatch", ctypes.c_int32), ("n_threads", ctypes.c_int32)]
+    _fields_ = [("n_ctx", ctypes.c_int32), ("n_ubatch", ctypes.c_int32), ("n_threads", ctypes.c_int32),
+                ("flash_attn", ctypes.c_int32), ("type_k", ctypes.c_int32), ("type_v", ctypes.c_int32)]
 
 
 def _find_library() -> Path:
@@ -82,6 +84,7 @@ lib = ctypes.CDLL(str(_find_library()))
 _p = ctypes.c_void_p
 _sigs = {
     "pylazy_last_error": (ctypes.c_char_p, []),
+    "plz_cpu_extra_bufts": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_int32]),
     "plz_model_load": (ctypes.c_int, [ctypes.c_char_p, ctypes.POINTER(ModelParams), ctypes.POINTER(_p)]),
     "plz_model_free": (None, [_p]),
     "plz_model_get_info": (ctypes.c_int, [_p, ctypes.POINTER(ModelInfo)]),

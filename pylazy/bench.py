@@ -4,8 +4,10 @@
     pylazy bench --quick                          # lengths 256/512 only (smoke test, < 60 s)
     pylazy bench --rows ttft --lengths 4096 --lazy-layers 8,16 --lazy-keep 0.5,0.25 --json out.json
 
-Both engines get the same thread count, n_ctx and ubatch (512), and llama.cpp flash attention, so
-a ratio compares kernels and graphs, not settings. Each engine is warmed up once; a cell is the
+Both engines get the same thread count, n_ctx and ubatch (512), attention path (llama.cpp's
+default without flash attention; --flash-attn for both), KV cache types (--type-k / --type-v) and
+CPU weight buffers (llama.cpp's repacked ones; --no-extra-bufts turns them off on both), so a ratio
+compares kernels and graphs, not settings. Each engine is warmed up once; a cell is the
 median of ``--repeat`` runs, pylazy and llama.cpp alternating so that load from other processes
 hits both alike. Prompts are text tokens (see ``bench_tokens``), not random ids.
 
@@ -107,20 +109,27 @@ class Engines:
     threads: int
     n_ctx: int
     n_ubatch: int = N_UBATCH
+    flash_attn: bool = False
+    type_k: Optional[str] = None
+    type_v: Optional[str] = None
+    use_extra_bufts: bool = True
     model: object = field(init=False)
     ctx: object = field(init=False)
     llm: object = field(init=False)
 
     def __post_init__(self) -> None:
         from llama_cpp._utils import suppress_stdout_stderr
-        from .engine import Context, Model
-        from .llama_ref import reference_llama   # the only way to build llama.cpp here (AMX)
-        self.model = Model(self.model_path, n_threads=self.threads)
-        self.ctx = Context(self.model, n_ctx=self.n_ctx, n_ubatch=self.n_ubatch, n_threads=self.threads)
+        from .engine import Context, Model, kv_type
+        from .llama_ref import reference_llama   # llama.cpp as a user gets it (except where AMX crashes)
+        self.model = Model(self.model_path, n_threads=self.threads, use_extra_bufts=self.use_extra_bufts)
+        self.ctx = Context(self.model, n_ctx=self.n_ctx, n_ubatch=self.n_ubatch, n_threads=self.threads,
+                           flash_attn=self.flash_attn, type_k=self.type_k, type_v=self.type_v)
         with suppress_stdout_stderr(disable=False):
             self.llm = reference_llama(self.model_path, n_ctx=self.n_ctx, n_batch=self.n_ubatch,
                                        n_ubatch=self.n_ubatch, n_threads=self.threads,
-                                       n_threads_batch=self.threads, flash_attn=True, verbose=False)
+                                       n_threads_batch=self.threads, flash_attn=self.flash_attn,
+                                       type_k=kv_type(self.type_k), type_v=kv_type(self.type_v, "type_v"),
+                                       use_extra_bufts=None if self.use_extra_bufts else False, verbose=False)
         self.n_vocab = self.model.info.n_vocab
         self.n_layer = self.model.info.n_layer
 
@@ -353,6 +362,10 @@ def markdown(result: dict) -> str:
     out = [f"{m['date']} · {m['cpu']} · {m['threads']} threads · {os.path.basename(m['model'])} · "
            f"pylazy {m['pylazy_version']} · llama-cpp-python {m['llama_cpp_version']} · n_ctx {m['n_ctx']} · "
            f"ubatch {m['n_ubatch']} · load {m['load_start']} → {m['load_end']}"]
+    if "flash_attn" in m:
+        out[0] += (f" · flash_attn {'on' if m['flash_attn'] else 'off'} · KV {m['type_k']}/{m['type_v']} "
+                   f"({m['kv_bytes_pylazy'] / 2 ** 20:.1f} MiB) · repacked weights "
+                   f"{m['pylazy_repacked_tensors'] if m['extra_bufts'] else 'off'}")
     if result.get("prefill"):
         out += ["", "**Prefill** (tok/s, full attention; ratio = pylazy / llama.cpp speed)", "",
                 _table(["prompt", "pylazy", "llama.cpp", "ratio", "runs"],
@@ -463,7 +476,10 @@ def run_bench(args: argparse.Namespace) -> dict:
     repeat = _default_repeat(args)
     path = resolve_model_path(args.model)
     load_start, t_start = _load(), datetime.datetime.now()
-    eng = Engines(path, args.threads, plan.n_ctx)
+    eng = Engines(path, args.threads, plan.n_ctx, flash_attn=args.flash_attn, type_k=args.type_k,
+                  type_v=args.type_v, use_extra_bufts=not args.no_extra_bufts)
+    kv_bytes = int(sum(eng.ctx.layer_stats()["kv_bytes"]))
+    info = eng.model.info
     try:
         for _, lazy in plan.lazies:
             lazy.resolve(eng.n_layer)   # a bad layer fails before any timing
@@ -496,8 +512,12 @@ def run_bench(args: argparse.Namespace) -> dict:
             result["ttft"] = ttft_rows(eng, tokens, plan.ttft, plan.lazies, repeat, tick)
         if "request" in plan.rows:
             from .bench_request import request_rows
+            from .engine import kv_type
+            same = {"flash_attn": args.flash_attn, "type_k": kv_type(args.type_k), "type_v": kv_type(args.type_v, "type_v")}
             result["request"] = request_rows(path, tokens[:args.request[0]], args.request[1], args.threads,
-                                             plan.n_ctx, tick)
+                                             plan.n_ctx, tick,
+                                             llama_kwargs=dict(same, use_extra_bufts=None if eng.use_extra_bufts else False),
+                                             pylazy_kwargs=dict(same, use_extra_bufts=eng.use_extra_bufts))
         bar.update(bar.total - bar.n)
         bar.close()
     finally:
@@ -506,7 +526,10 @@ def run_bench(args: argparse.Namespace) -> dict:
         "date": t_start.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(),
         "threads": args.threads, "model": path, "model_bytes": os.path.getsize(path),
         "pylazy_version": __version__, "llama_cpp_version": llama_cpp.__version__,
-        "n_ctx": plan.n_ctx, "n_ubatch": N_UBATCH, "flash_attn_llama_cpp": True,
+        "n_ctx": plan.n_ctx, "n_ubatch": N_UBATCH, "flash_attn": args.flash_attn,
+        "type_k": args.type_k or "f16", "type_v": args.type_v or "f16", "kv_bytes_pylazy": kv_bytes,
+        "extra_bufts": not args.no_extra_bufts, "pylazy_repacked_tensors": info.n_extra_tensors,
+        "pylazy_extra_bufts": info.extra_bufts,
         "repeat": repeat, "decode_steps": args.decode_steps, "request": list(args.request),
         "tokens": {"source": "repo text " + " ".join(TEXT_SOURCES) + f", paragraphs shuffled (seed {TEXT_SEED})",
                    "n": n_tokens, "sha256_16": _tokens_digest(tokens)},
@@ -558,6 +581,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lazy-layers", metavar="L,L,...", help="an extra lazy schedule for ttft: pruning layers")
     p.add_argument("--lazy-keep", metavar="F,F,...", help="its keep fractions (with --lazy-layers)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    p.add_argument("--flash-attn", action="store_true", help="flash attention on both engines (default: off, as llama.cpp)")
+    p.add_argument("--type-k", default=None, help="KV cache K type on both engines (f16, q8_0, q4_0, ...; default f16)")
+    p.add_argument("--type-v", default=None, help="KV cache V type on both (a quantized V needs --flash-attn)")
+    p.add_argument("--no-extra-bufts", action="store_true",
+                   help="plain CPU weight buffers on both engines (default: llama.cpp's repacked ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 

@@ -2,9 +2,10 @@
 tokens, greedy, through the public `Llama` objects of both libraries, timed by one clock around the
 stream: TTFT (to the first streamed token), decode rate after it and total time.
 
-llama-cpp-python runs as a user gets it (`llama_cpp.Llama`, its defaults: flash attention off), except for
-llama.cpp's extra buffer types, which crash on this project's CPUs (pylazy/llama_ref.py). pylazy runs
-full attention, `LazyPrefill()`, `Recycle(k=N/8)` and both. EOS is masked on both sides so every run
+llama-cpp-python runs as a user gets it (`llama_cpp.Llama`, its defaults: flash attention off, repacked
+CPU weights; extra buffer types off only where AMX is offered, pylazy/llama_ref.py), pylazy.Llama with its
+defaults, which are the same, and the bench's --flash-attn / --type-k / --type-v / --no-extra-bufts on
+both. pylazy runs full attention, `LazyPrefill()`, `Recycle(k=N/8)` and both. EOS is masked on both sides so every run
 generates exactly G tokens; each run starts from an empty cache.
 """
 from __future__ import annotations

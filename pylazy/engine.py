@@ -46,6 +46,41 @@ class RecycleConfig(NamedTuple):
 _STEP_CODES = {StepKind.FULL: N.PLZ_STEP_FULL, StepKind.RECYCLED: N.PLZ_STEP_RECYCLED,
                StepKind.SELECT: N.PLZ_STEP_SELECT}
 
+# KV cache types (ggml_type values, as llama-cpp-python's type_k / type_v take them, e.g.
+# llama_cpp.GGML_TYPE_Q8_0 == 8) and their names.
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
+KV_TYPE_NAMES = {v: k for k, v in KV_TYPES.items()}
+
+
+def kv_type(value, which: str = "type_k") -> int:
+    """A KV cache type given as a ggml_type int, a name ("q8_0") or None (F16) -> its ggml_type value."""
+    if value is None:
+        return KV_TYPES["f16"]
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key not in KV_TYPES:
+            raise ValueError(f"{which}={value!r} is not a supported KV cache type ({', '.join(KV_TYPES)})")
+        return KV_TYPES[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{which} must be a ggml type id (int), a type name or None, got {type(value).__name__}")
+    if int(value) not in KV_TYPE_NAMES:
+        raise ValueError(f"{which}={value!r} is not a supported KV cache type; supported ggml types: "
+                         + ", ".join(f"{n} ({i})" for n, i in KV_TYPES.items()))
+    return int(value)
+
+
+def cpu_extra_buffer_types() -> List[str]:
+    """Names of the CPU backend's extra (repacked) buffer types on this machine, e.g. ["CPU_REPACK"]."""
+    buf = ctypes.create_string_buffer(256)
+    N.lib.plz_cpu_extra_bufts(buf, len(buf))
+    return [n for n in buf.value.decode().split(",") if n]
+
+
+def extra_bufts_default() -> bool:
+    """Whether weights go to the CPU's extra buffer types unless told: yes, as llama.cpp, unless the
+    environment says PYLAZY_EXTRA_BUFTS=0."""
+    return os.environ.get("PYLAZY_EXTRA_BUFTS", "1") != "0"
+
 
 def _raise_for(code: int, what: str) -> None:
     if code == N.PLZ_OK:
@@ -81,6 +116,8 @@ class ModelInfo:
     backend: str
     n_swa: int            # sliding window of gemma3's SWA layers; 0: all layers attend globally
     n_swa_layers: int
+    n_extra_tensors: int  # weights in an extra (repacked) CPU buffer type
+    extra_bufts: str      # their buffer types' names, comma-separated
 
 
 def default_threads() -> int:
@@ -121,9 +158,13 @@ class _Owned:
 
 
 class Model(_Owned):
-    """Weights of one GGUF file on the best backend (all layers on the GPU when there is one)."""
+    """Weights of one GGUF file on the best backend (all layers on the GPU when there is one).
 
-    def __init__(self, path: str, *, n_gpu_layers: int = -1, n_threads: Optional[int] = None):
+    use_extra_bufts: on the CPU, weights go to the extra (repacked) buffer types llama.cpp puts them
+    in (None: yes unless PYLAZY_EXTRA_BUFTS=0)."""
+
+    def __init__(self, path: str, *, n_gpu_layers: int = -1, n_threads: Optional[int] = None,
+                 use_extra_bufts: Optional[bool] = None):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file not found: {path!r}")
@@ -132,7 +173,9 @@ class Model(_Owned):
         # Every header field, tensor extent and vocabulary entry is checked in Python first: ggml's
         # and libllama's loaders abort the process on some malformed files.
         self.gguf = check_gguf(path, supported_archs=SUPPORTED_ARCHS)
-        params = N.ModelParams(int(n_gpu_layers), int(n_threads or default_threads()))
+        if use_extra_bufts is None:
+            use_extra_bufts = extra_bufts_default()
+        params = N.ModelParams(int(n_gpu_layers), int(n_threads or default_threads()), int(bool(use_extra_bufts)))
         _raise_for(N.lib.plz_model_load(path.encode(), ctypes.byref(params), ctypes.byref(self._h)),
                    f"cannot load {path!r}")
         raw = N.ModelInfo()
@@ -158,9 +201,14 @@ class Model(_Owned):
 
 
 class Context(_Owned):
-    """A conversation's state: KV cache and position. eval() appends tokens and returns logits."""
+    """A conversation's state: KV cache and position. eval() appends tokens and returns logits.
 
-    def __init__(self, model: Model, *, n_ctx: int = 0, n_ubatch: int = 512, n_threads: Optional[int] = None):
+    flash_attn: flash attention, else llama.cpp's default mul_mat + softmax attention (False, as
+    llama-cpp-python). type_k / type_v: KV cache types (see kv_type; None: F16); a quantized V needs
+    flash_attn, as in llama.cpp."""
+
+    def __init__(self, model: Model, *, n_ctx: int = 0, n_ubatch: int = 512, n_threads: Optional[int] = None,
+                 flash_attn: bool = False, type_k=None, type_v=None):
         if int(n_ctx) < 0:
             raise ValueError(f"n_ctx must be >= 0 (0 = the model's training context), got {n_ctx}")
         if int(n_ubatch) < 1:
@@ -172,8 +220,15 @@ class Context(_Owned):
         self.lazy_pool = 0
         self.lazy_window = 1
         self.recycle_config = RecycleConfig()   # what set_recycle last set
+        self.n_ubatch = int(n_ubatch)
+        self.flash_attn = bool(flash_attn)
+        self.type_k, self.type_v = kv_type(type_k, "type_k"), kv_type(type_v, "type_v")
+        if self.type_v not in (KV_TYPES["f32"], KV_TYPES["f16"], KV_TYPES["bf16"]) and not self.flash_attn:
+            raise ValueError(f"a quantized V cache (type_v={KV_TYPE_NAMES[self.type_v]}) needs flash_attn=True, "
+                             "as in llama.cpp")
         self._h = ctypes.c_void_p()
-        params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0))
+        params = N.ContextParams(self.n_ctx, int(n_ubatch), int(n_threads or 0), int(self.flash_attn),
+                                 self.type_k, self.type_v)
         _raise_for(N.lib.plz_context_new(model.handle, ctypes.byref(params), ctypes.byref(self._h)), "cannot create context")
         model._contexts.append(self)
 

@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Sequ
 import numpy as np
 
 from .engine import RecycleConfig, RecycleMode
-from .policy import (LazyPrefill, Recycle, ReselectSchedule, StepKind, StreamingWindow, make_stride_policy,
-                     snap_to_global_layers)
+from .policy import LazyPrefill, Recycle, ReselectSchedule, StepKind, StreamingWindow, make_stride_policy
+from .reuse import FreshPrefill, aligned_step, lazy_settings, settings_key
 
 RecyclePolicy = Union[None, Recycle, StreamingWindow]
 StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
@@ -68,12 +68,19 @@ class ContextCache:
         self.tokens: List[int] = []
         self.last_logits: Optional[np.ndarray] = None   # float32 [n_vocab]
         self.reselect_every = 0   # LazyPrefill.reselect of the prefill that built the cache
+        self.fresh: Optional[FreshPrefill] = None   # the last prefill from empty (pylazy.reuse)
 
     def reset(self) -> None:
         self.ctx.reset()
         self.tokens = []
         self.last_logits = None
         self.reselect_every = 0
+        self.fresh = None
+
+    def settings_key(self) -> tuple:
+        """The lazy settings the cache was prefilled under (pylazy.reuse.settings_key)."""
+        ctx = self.ctx
+        return settings_key(ctx.lazy_schedule, ctx.lazy_pool, ctx.lazy_window, self.reselect_every)
 
     def truncate(self, n: int) -> None:
         """Keep the first n tokens (full attention only); last_logits is then the caller's."""
@@ -89,19 +96,18 @@ def prefill(cache: ContextCache, tokens: List[int], lazy: Optional[LazyPrefill],
     On an empty cache the context takes the lazy schedule asked for (None: full attention;
     pruning layers moved off sliding-window layers, see snap_to_global_layers). A lazy
     prefill runs the whole prompt at once (pruning is scored by its last token); full
-    attention goes in chunks of n_batch so `progress(done, total)` can report. Tokens after
-    an existing cache run through the schedule the cache was built with.
+    attention goes in chunks of n_batch (rounded to whole n_ubatch pieces: pylazy.reuse) so
+    `progress(done, total)` can report. Tokens after an existing cache run through the schedule
+    the cache was built with. A prefill from an empty cache is recorded as cache.fresh.
     """
     ctx = cache.ctx
-    if ctx.n_past == 0:
-        schedule = lazy.resolve(len(swa)) if lazy is not None else []
-        schedule = snap_to_global_layers(schedule, swa)
-        pool = lazy.pool if lazy is not None and schedule else 0
-        window = lazy.window if lazy is not None and schedule else 1
+    from_empty = ctx.n_past == 0
+    if from_empty:
+        schedule, pool, window, reselect = lazy_settings(lazy, swa)
         if (schedule, pool, window) != (ctx.lazy_schedule, ctx.lazy_pool, ctx.lazy_window):
             ctx.set_lazy(schedule, pool, window)
-        cache.reselect_every = lazy.reselect if ctx.lazy_schedule and lazy is not None else 0
-    step = len(tokens) if ctx.lazy_schedule else n_batch
+        cache.reselect_every = reselect
+    step = len(tokens) if ctx.lazy_schedule else aligned_step(n_batch, ctx.n_ubatch)
     rows = []
     for start in range(0, len(tokens), step):
         chunk = tokens[start:start + step]
@@ -111,6 +117,8 @@ def prefill(cache: ContextCache, tokens: List[int], lazy: Optional[LazyPrefill],
             progress(start + len(chunk), len(tokens))
     logits = np.concatenate(rows) if all_logits else rows[-1]
     cache.last_logits = logits[-1].copy()
+    if from_empty:
+        cache.fresh = FreshPrefill(list(tokens), cache.last_logits.copy(), cache.settings_key())
     return logits
 
 

@@ -17,8 +17,11 @@ no meaning here:
   floats; with ``echo`` a prompt token's logprob is the prediction *of* that token.
 - ``suffix`` is appended to the returned text (no fill-in-the-middle tokens).
 - an empty prompt is the BOS token; with ``stream`` and ``echo`` the prompt is the first chunk.
-- prefix reuse keeps the KV cache only when everything evaluated is a prefix of the new
-  prompt (the engine cannot truncate its cache); otherwise it re-evaluates from scratch.
+- results never depend on what the cache held: prefix reuse keeps only the cache rows a fresh
+  prefill of the new prompt would compute bit for bit (whole n_ubatch chunks of the last prefill;
+  the same prompt again keeps that prefill's logits: pylazy.reuse), so a call returns what it
+  returns on a fresh ``Llama`` (llama-cpp-python re-evaluates the last prompt token alone, which
+  can change greedy text).
 - ``mirostat_mode`` != 0 raises ValueError (not implemented); ``tfs_z`` is ignored, as
   llama-cpp-python 0.3.36 ignores it.
 - ``grammar`` runs libllama's grammar sampler over pylazy's logits (pylazy.grammar);
@@ -37,7 +40,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from .engine import Context, Model
+from .engine import KV_TYPE_NAMES, KV_TYPES, Context, Model, kv_type
 from .completion import Job, run_completion
 from .errors import ModelLoadError, PylazyError
 from .generate import ContextCache, RecyclePolicy, StepStats, generate_step, prefill, prefill_stats
@@ -45,15 +48,15 @@ from .models import resolve_model_path
 from .perplexity import perplexity
 from .sampling import Sampler, SamplingParams, StopMatcher
 from .validate import Lazy, check_int, check_lazy, check_recycle
+from .reuse import lazy_settings, reusable_rows, settings_key
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
 
 # llama_cpp.Llama keywords accepted for drop-in use that change nothing here: placement,
-# threading and memory mapping are the engine's choice, and it always uses flash attention
-# and can always return logprobs.
+# threading and memory mapping are the engine's choice, and it can always return logprobs.
 _IGNORED_KWARGS = frozenset({
     "split_mode", "main_gpu", "use_mmap", "use_mlock", "n_threads_batch", "offload_kqv",
-    "flash_attn", "op_offload", "swa_full", "no_perf", "numa", "logits_all",
+    "op_offload", "swa_full", "no_perf", "numa", "logits_all",
 })
 # Keywords accepted only at their llama-cpp-python default: other values ask for features
 # the engine does not have, and silently ignoring them would change results.
@@ -63,7 +66,7 @@ _DEFAULT_ONLY_KWARGS: Dict[str, Any] = {
     "rope_freq_base": 0.0, "rope_freq_scale": 0.0, "yarn_ext_factor": -1.0,
     "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0,
     "lora_base": None, "lora_scale": 1.0, "lora_path": None, "draft_model": None,
-    "tokenizer": None, "type_k": None, "type_v": None, "spm_infill": False,
+    "tokenizer": None, "spm_infill": False,
 }
 
 
@@ -100,6 +103,16 @@ def _structured_output(grammar: Any, response_format: Any) -> Any:
     return grammar if from_format is None else from_format
 
 
+def _check_kv_types(flash_attn: Any, type_k: Any, type_v: Any) -> Tuple[int, int]:
+    """(type_k, type_v) as ggml type ids, or a clear error before any model is loaded."""
+    if not isinstance(flash_attn, (bool, np.bool_)):
+        raise TypeError(f"flash_attn must be a bool, got {type(flash_attn).__name__}")
+    k, v = kv_type(type_k, "type_k"), kv_type(type_v, "type_v")
+    if v not in (KV_TYPES["f32"], KV_TYPES["f16"], KV_TYPES["bf16"]) and not flash_attn:
+        raise ValueError(f"a quantized V cache (type_v={KV_TYPE_NAMES[v]}) needs flash_attn=True, as in llama.cpp")
+    return k, v
+
+
 class Llama:
     """A GGUF model and one conversation context, with llama-cpp-python's API.
 
@@ -108,6 +121,12 @@ class Llama:
     Unknown keywords raise TypeError; see the module doc for accepted llama-cpp-python ones.
     ``prefill_progress``: set to a callable (done, total) to follow long prefills.
     After each call ``stats`` holds the call's token counts and timings.
+
+    As llama-cpp-python: ``flash_attn`` (default False: llama.cpp's mul_mat + softmax attention;
+    True: flash attention), ``type_k`` / ``type_v`` (KV cache types as ggml type ids, e.g.
+    ``llama_cpp.GGML_TYPE_Q8_0``, or names such as "q8_0"; None: F16; a quantized V needs
+    flash_attn=True). pylazy's own: ``use_extra_bufts`` (CPU weights in llama.cpp's repacked
+    buffer types, as llama.cpp; None: yes unless PYLAZY_EXTRA_BUFTS=0).
     """
 
     def __init__(self, model_path: Optional[str] = None, *, n_gpu_layers: int = 0,
@@ -115,6 +134,8 @@ class Llama:
                  n_ubatch: int = 512, n_threads: Optional[int] = None,
                  last_n_tokens_size: int = 64, chat_format: Optional[str] = None,
                  chat_handler: Optional[Callable[..., Any]] = None, verbose: bool = True,
+                 flash_attn: bool = False, type_k: Optional[Union[int, str]] = None,
+                 type_v: Optional[Union[int, str]] = None, use_extra_bufts: Optional[bool] = None,
                  lazy: Lazy = None, recycle: RecyclePolicy = None, **kwargs: Any):
         for name, value in kwargs.items():
             if name in _IGNORED_KWARGS:
@@ -130,6 +151,7 @@ class Llama:
         self.last_n_tokens_size = check_int("last_n_tokens_size", last_n_tokens_size, 0)
         if n_threads is not None:
             check_int("n_threads", n_threads, 1)
+        kv_types = _check_kv_types(flash_attn, type_k, type_v)
         self.lazy = check_lazy(lazy)
         self.recycle = check_recycle(recycle)
         self.verbose = bool(verbose)
@@ -144,7 +166,11 @@ class Llama:
         # llama-cpp-python's default threads: half the logical cores (one per physical core). All
         # of them lets one busy core stall every step of the engine's thread pool.
         n_threads = n_threads or max(1, (os.cpu_count() or 2) // 2)
-        self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads)
+        # ggml's messages while loading (e.g. each tensor repacked) follow `verbose`, as in llama_cpp.Llama.
+        from llama_cpp._logger import set_verbose
+        set_verbose(self.verbose)
+        self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                            use_extra_bufts=use_extra_bufts)
         # The tokenizer and chat templates: llama.cpp's, from a weightless load of the file.
         # Quiet unless verbose: its context warns "n_ctx_seq > n_ctx_train (0)" on stderr.
         with suppress_stdout_stderr(disable=self.verbose):
@@ -158,7 +184,8 @@ class Llama:
         n_ctx = n_ctx or info.n_ctx_train
         self.n_batch = min(n_ctx, n_batch)
         self._ctx = Context(self._model, n_ctx=n_ctx, n_ubatch=min(self.n_batch, n_ubatch),
-                            n_threads=n_threads)
+                            n_threads=n_threads, flash_attn=bool(flash_attn), type_k=kv_types[0],
+                            type_v=kv_types[1])
         self._cache = ContextCache(self._ctx)
         self._swa = self._model.swa_layers()
         self._closed = False
@@ -322,40 +349,40 @@ class Llama:
         now = self._ctx.layer_stats()
         return {**prefill_stats(getattr(self, "_prefill_stats", None) or now, now,
                                 getattr(self, "_prefill_tokens", 0), self._ctx.lazy_schedule),
+                "kv_types": (KV_TYPE_NAMES[self._ctx.type_k], KV_TYPE_NAMES[self._ctx.type_v]),
+                "flash_attn": self._ctx.flash_attn,
                 **steps.as_dict()}
 
     def _sync_prompt(self, prompt_tokens: List[int], lazy: Lazy, all_logits: bool) -> Tuple[np.ndarray, int]:
         """Bring the context to exactly prompt_tokens; (logits rows, tokens reused).
 
-        Reuses the cache when the evaluated tokens are a prefix of the prompt (llama-cpp-
-        python's prefix match); the logits of every prompt position (echo + logprobs) need
-        a fresh full-attention prefill.
+        The logits and the cache are those of a fresh context: reuse keeps only the rows
+        pylazy.reuse.reusable_rows allows (llama.cpp's cache truncation drops the rest), and the
+        rest is evaluated in the chunks a fresh prefill uses. The logits of every prompt position
+        (echo + logprobs) need a fresh full-attention prefill.
         """
         if all_logits:
             self.reset()
             return self._prefill(prompt_tokens, None, all_logits=True), 0
-        n = len(self._evaluated)
-        if 0 < n <= len(prompt_tokens) and self._last_logits is not None \
-                and self._evaluated == prompt_tokens[:n]:
-            if n == len(prompt_tokens):
-                return self._last_logits[None, :], n
-            return self._prefill(prompt_tokens[n:], lazy), n
-        # Full attention can also drop what came after a shared prefix (llama.cpp's cache truncation):
-        # the same prompt again, or a prompt that branches off, reuses the common part.
-        if lazy is None and not self._ctx.lazy_schedule and n:
-            common = 0
-            for a, b in zip(self._evaluated, prompt_tokens):
-                if a != b:
-                    break
-                common += 1
-            common = min(common, len(prompt_tokens) - 1)  # re-evaluate at least one token for its logits
-            if common > 0:
-                self._ppl_context = None
-                self._ctx.truncate(common)
-                del self._evaluated[common:]
-                return self._prefill(prompt_tokens[common:], None), common
-        self.reset()
-        return self._prefill(prompt_tokens, lazy), 0
+        cache = self._cache
+        keep = reusable_rows(cache.fresh, cache.tokens, self._ctx.n_past, prompt_tokens,
+                             settings_key(*lazy_settings(lazy, self._swa)), self._ctx.n_ubatch)
+        if keep == 0:
+            self.reset()
+            return self._prefill(prompt_tokens, lazy), 0
+        fresh = cache.fresh
+        if self._ctx.lazy_schedule:
+            del cache.tokens[keep:]   # nothing was evaluated after the prompt (reusable_rows)
+        else:
+            cache.truncate(keep)
+        self._ppl_context = None
+        if keep == len(prompt_tokens):
+            self._last_logits = fresh.logits.copy()
+            return fresh.logits[None, :], keep
+        logits = self._prefill(prompt_tokens[keep:], lazy)
+        # Continued from a whole-chunk boundary in the same chunks: as fresh as a prefill from empty.
+        fresh.tokens, fresh.logits = list(prompt_tokens), self._last_logits.copy()
+        return logits, keep
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, typical_p: float = 1.0, temp: float = 0.80,

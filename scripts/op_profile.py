@@ -43,13 +43,13 @@ def report() -> dict:
 def llama_cpp_run(args, toks, callback) -> tuple:
     mp = L.llama_model_default_params()
     mp.n_gpu_layers = args.n_gpu_layers
-    mp.use_extra_bufts = False
+    mp.use_extra_bufts = args.extra_bufts == "on"
     model = L.llama_model_load_from_file(args.model.encode(), mp)
     cp = L.llama_context_default_params()
     cp.n_ctx = len(toks) + args.decode_steps + 256
     cp.n_batch, cp.n_ubatch = args.n_ubatch, args.n_ubatch
     cp.n_threads = cp.n_threads_batch = args.threads
-    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED if args.flash_attn == "on" else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     if callback is not None:
         cp.cb_eval = callback
     ctx = L.llama_init_from_model(model, cp)
@@ -82,8 +82,10 @@ def llama_cpp_run(args, toks, callback) -> tuple:
 def pylazy_run(args, toks, mode: str) -> tuple:
     from pylazy.engine import Context, Model
     os.environ["PYLAZY_PROFILE"] = mode
-    m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
-    ctx = Context(m, n_ctx=len(toks) + args.decode_steps + 256, n_ubatch=args.n_ubatch)
+    m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+              use_extra_bufts=args.extra_bufts == "on")
+    ctx = Context(m, n_ctx=len(toks) + args.decode_steps + 256, n_ubatch=args.n_ubatch,
+                  flash_attn=args.flash_attn == "on")
     times = {}
     ctx.eval(toks[:512])
     ctx.reset()
@@ -121,8 +123,9 @@ def refresh_profile(args) -> None:
     toks = np.random.default_rng(1).integers(1000, 40000, size=args.refresh_depth).tolist()
     for mode in ("1", "ops"):
         os.environ["PYLAZY_PROFILE"] = mode
-        m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads)
-        ctx = Context(m, n_ctx=args.refresh_depth + 512, n_ubatch=args.n_ubatch)
+        m = Model(args.model, n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
+                  use_extra_bufts=args.extra_bufts == "on")
+        ctx = Context(m, n_ctx=args.refresh_depth + 512, n_ubatch=args.n_ubatch, flash_attn=args.flash_attn == "on")
         t = time.perf_counter()
         ctx.eval(toks)
         print(f"\n[{mode}] prefill {args.refresh_depth}: {time.perf_counter() - t:.2f} s; {take_phases(ctx)}")
@@ -178,6 +181,9 @@ def main(argv=None):
     ap.add_argument("--pool", type=int, default=0, help="Recycle(pool=) (0 here: the refresh profile of session 2)")
     ap.add_argument("--share", type=float, default=0.5, help="Recycle(share=), the default 0.5")
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on", help="both engines (default on, as before)")
+    ap.add_argument("--extra-bufts", choices=("on", "off"), default="off",
+                    help="llama.cpp's repacked CPU weights on both engines (default off, as before)")
     args = ap.parse_args(argv)
     toks = np.random.default_rng(0).integers(1000, 40000, size=args.n).tolist()
     L.llama_backend_init()

@@ -1,8 +1,10 @@
 """Architectures llama, qwen2 (q/k/v biases, NEOX RoPE) and qwen3 (per-head q/k RMSNorm, head size
 from attention.key_length), and the common weight types, against llama.cpp on tiny random models.
 
-llama.cpp runs with flash attention, the kernel pylazy's graph uses; measured here every case below
-gives identical logits (max |diff| 0.0), so MAX_ABS_DIFF is a bound, not a tolerance for another kernel.
+Both sides run the same attention path (llama.cpp's default without flash attention unless a test
+says flash_attn=True) and llama.cpp's default CPU weight buffers (repacked Q4_0 / Q4_K / IQ4_NL);
+measured here every case below gives identical logits (max |diff| 0.0), so MAX_ABS_DIFF is a bound,
+not a tolerance for another kernel.
 K-quants: gguf.quants cannot quantize them, so llama.cpp's own quantizer writes a Q4_K_M file.
 """
 import ctypes
@@ -29,31 +31,31 @@ EXTRA_WTYPES = {"q4_0": (GT.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
                 "q5_1": (GT.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1)}
 
 
-def _compare(path, tokens=TOKENS):
+def _compare(path, tokens=TOKENS, flash_attn=False):
     """(max |logit diff|, top-1 agreement) of pylazy vs llama.cpp over every position."""
     ref = reference_llama(str(path), n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX, logits_all=True,
-                          flash_attn=True, n_threads=THREADS)
+                          flash_attn=flash_attn, n_threads=THREADS)
     ref.eval(tokens)
     want = np.array(ref.scores[: len(tokens)], dtype=np.float32)
     ref.close()
-    with Model(str(path), n_threads=THREADS) as m, Context(m, n_ctx=N_CTX) as ctx:
+    with Model(str(path), n_threads=THREADS) as m, Context(m, n_ctx=N_CTX, flash_attn=flash_attn) as ctx:
         got = ctx.eval(tokens, all_logits=True)
     return float(np.abs(got - want).max()), float((got.argmax(1) == want.argmax(1)).mean())
 
 
-def _assert_matches(path):
-    diff, top1 = _compare(path)
+def _assert_matches(path, flash_attn=False):
+    diff, top1 = _compare(path, flash_attn=flash_attn)
     assert top1 == 1.0 and diff <= MAX_ABS_DIFF, (path, diff, top1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_arch_f32_matches_llama_cpp(tmp_path, arch):
+@pytest.mark.parametrize("arch,flash_attn", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen3", True)])
+def test_arch_f32_matches_llama_cpp(tmp_path, arch, flash_attn):
     path = tiny.make_tiny_model(tmp_path / f"{arch}.gguf", arch=arch, n_layer=3)
     info = check_gguf(path, supported_archs=("llama", "qwen2", "qwen3"))
     assert info.arch == arch and info.hparams["head_dim"] == 16
     with Model(path, n_threads=THREADS) as m:
         assert m.info.arch == arch
-    _assert_matches(path)
+    _assert_matches(path, flash_attn)
 
 
 # each type on one arch, spread so every arch meets quantized weights
@@ -70,10 +72,11 @@ def test_weight_type_matches_llama_cpp(tmp_path, monkeypatch, wtype, arch):
 
 # Files as users download them: llama.cpp's own quantizer, so every tensor gets the type (and the
 # fallbacks) a real Q*_K / IQ4 / BF16 file has. `expect` must be among the weight types found.
-@pytest.mark.parametrize("ftype,expect", [("Q4_K_M", {"Q4_K", "Q6_K"}), ("Q2_K", {"Q2_K"}), ("Q3_K_M", {"Q3_K"}),
-                                          ("Q5_K_M", {"Q5_K"}), ("Q6_K", {"Q6_K"}), ("IQ4_NL", {"IQ4_NL"}),
-                                          ("IQ4_XS", {"IQ4_XS"}), ("BF16", {"BF16"})])
-def test_llama_cpp_quantized_files_match(tmp_path, ftype, expect):
+@pytest.mark.parametrize("ftype,expect,flash_attn", [
+    ("Q4_K_M", {"Q4_K", "Q6_K"}, False), ("Q4_K_M", {"Q4_K", "Q6_K"}, True), ("Q2_K", {"Q2_K"}, False),
+    ("Q3_K_M", {"Q3_K"}, False), ("Q5_K_M", {"Q5_K"}, False), ("Q6_K", {"Q6_K"}, False), ("IQ4_NL", {"IQ4_NL"}, False),
+    ("IQ4_XS", {"IQ4_XS"}, False), ("BF16", {"BF16"}, False)])
+def test_llama_cpp_quantized_files_match(tmp_path, ftype, expect, flash_attn):
     import llama_cpp
 
     src = tiny.make_tiny_model(tmp_path / "f32.gguf", arch="qwen3", n_embd=256, n_ff=512, n_layer=2, tied_output=True)
@@ -84,7 +87,7 @@ def test_llama_cpp_quantized_files_match(tmp_path, ftype, expect):
     assert llama_cpp.llama_model_quantize(src.encode(), str(dst).encode(), ctypes.byref(params)) == 0
     types = {GT(t.ggml_type).name for t in check_gguf(str(dst), supported_archs=("qwen3",)).tensors.values()}
     assert expect <= types, types
-    _assert_matches(dst)
+    _assert_matches(dst, flash_attn)
 
 
 def _write_model(path, arch, *, n_embd=64, n_head=4, n_head_kv=2, head_dim=None, n_ff=128, n_layer=2,

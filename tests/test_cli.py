@@ -27,7 +27,7 @@ def pylazy(*args, stdin: str = "", timeout: float = 120):
 
 @pytest.fixture(scope="module")
 def ref():
-    r = reference_llama(default_model_path(), flash_attn=True, n_ctx=512)
+    r = reference_llama(default_model_path(), n_ctx=512)
     yield r
     r.close()
 

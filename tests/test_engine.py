@@ -1,7 +1,8 @@
 """Engine correctness against llama.cpp (llama-cpp-python 0.3.36) on the default SmolLM2 Q4_1 file.
 
-The reference runs llama.cpp with flash attention, the same attention kernel pylazy's graph uses;
-measured on this machine the logits are then identical (max |diff| 0.0 over 2 600 positions).
+Both attention paths, each against llama.cpp on the same one: without flash attention (mul_mat +
+softmax, both defaults) and with it. Measured on this machine the logits are then identical
+(max |diff| 0.0 over 2 600 positions, each path).
 """
 import os
 from pathlib import Path
@@ -38,9 +39,23 @@ def engine(default_model_path):
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_path):
-    return reference_llama(default_model_path, n_ctx=N_CTX, n_batch=512, n_ubatch=512, logits_all=True,
-                           flash_attn=True, n_threads=THREADS)
+def references(default_model_path):
+    """llama.cpp per flash_attn setting, opened on first use."""
+    refs = {}
+
+    def get(flash_attn=False):
+        if flash_attn not in refs:
+            refs[flash_attn] = reference_llama(default_model_path, n_ctx=N_CTX, n_batch=512, n_ubatch=512,
+                                               logits_all=True, flash_attn=flash_attn, n_threads=THREADS)
+        return refs[flash_attn]
+    yield get
+    for r in refs.values():
+        r.close()
+
+
+@pytest.fixture(scope="module")
+def reference(references):
+    return references(False)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +71,12 @@ def _ref_logits(ref, toks):
     return np.array(ref.scores[: len(toks)], dtype=np.float32)
 
 
-def test_logits_match_llama_cpp(engine, reference, prompts):
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_logits_match_llama_cpp(engine, references, prompts, flash_attn):
     report = {}
     for name, toks in prompts.items():
-        ref = _ref_logits(reference, toks)
-        with Context(engine, n_ctx=N_CTX) as ctx:
+        ref = _ref_logits(references(flash_attn), toks)
+        with Context(engine, n_ctx=N_CTX, flash_attn=flash_attn) as ctx:
             ours = ctx.eval(toks, all_logits=True)
         diff = float(np.abs(ours - ref).max())
         top1 = float((ours.argmax(1) == ref.argmax(1)).mean())
@@ -111,7 +127,7 @@ def test_chunked_prefill_matches_one_batch(engine, prompts, n_ubatch):
 def test_chunked_prefill_equals_llama_cpp_chunked(engine, default_model_path, prompts, n_ubatch):
     toks = prompts["medium"][:64]
     ref = reference_llama(default_model_path, n_ctx=512, n_batch=n_ubatch, n_ubatch=n_ubatch, logits_all=True,
-                          flash_attn=True, n_threads=THREADS)
+                          n_threads=THREADS)
     expect = _ref_logits(ref, toks)
     with Context(engine, n_ctx=512, n_ubatch=n_ubatch) as ctx:
         chunked = ctx.eval(toks, all_logits=True)

