@@ -28,8 +28,9 @@ ASK_PERSON = [{"role": "user", "content": "Give a JSON object with the name and 
 
 @pytest.fixture(scope="module")
 def ref():
-    # as tests/test_api_conformance.py: flash attention, where pylazy's logits equal llama.cpp's
-    r = reference_llama(default_model_path(), flash_attn=True, n_ctx=N_CTX)
+    # as tests/test_api_conformance.py: both libraries' defaults (flash attention off), where pylazy's
+    # logits equal llama.cpp's
+    r = reference_llama(default_model_path(), n_ctx=N_CTX)
     yield r
     r.close()
 
