@@ -33,7 +33,8 @@ def string_match_part(output: str, answers: Sequence[str]) -> float:
 
 # RULER scores every synthetic family with string_match_all except QA (part).
 METRIC = {"niah_single": string_match_all, "niah_multikey": string_match_all,
-          "niah_multivalue": string_match_all, "vt": string_match_all, "cwe": string_match_all}
+          "niah_multivalue": string_match_all, "vt": string_match_all, "cwe": string_match_all,
+          "fwe": string_match_all, "qa": string_match_part}
 
 
 def score(task, output: str) -> float:
