@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .errors import ModelLoadError
 from .policy import LazyPrefill, Recycle, StreamingWindow
 
-PLUGIN_MODULES = ("pylazy.bench", "pylazy.eval.cli")
+PLUGIN_MODULES = ("pylazy.bench", "pylazy.eval.cli", "pylazy.tune")
 
 
 def add_command(subparsers, name: str, help: str, description: str, add_arguments, func) -> None:
@@ -80,6 +80,8 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="refresh early when query similarity drops below T")
     g.add_argument("--streaming-window", metavar="[SINKS,]WINDOW",
                    help="StreamingLLM decode: attend to SINKS first tokens (default 4) + last WINDOW")
+    g.add_argument("--no-profile", action="store_true",
+                   help="ignore the model's `pylazy tune` profile: full attention unless flags say otherwise")
 
 
 def _number_list(text: str, what: str) -> List[Any]:
@@ -148,7 +150,11 @@ def _open_llama(args: argparse.Namespace, lazy=None, recycle=None):
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     path = resolve_model_path(args.model)   # ModelLoadError before the heavy imports
-    llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False, recycle=recycle)
+    unset = None if args.no_profile else ...   # ...: the file's `pylazy tune` profile, if any
+    llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False,
+                lazy=unset if lazy is None else None, recycle=unset if recycle is None else recycle)
+    if llm.profile:
+        print(f"pylazy: tuned profile {llm.profile}: lazy={llm.lazy!r}, recycle={llm.recycle!r}", file=sys.stderr)
     if lazy is not None:   # its layers can only be checked against the loaded model
         try:
             lazy.resolve(llm.n_layer())
@@ -346,7 +352,9 @@ def model_info(path: str, use_gguf: Optional[bool] = None) -> Dict[str, Any]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .models import resolve_model_path
+    from .profiles import profile_summary
     info = model_info(resolve_model_path(args.model), use_gguf=False if args.engine else None)
+    info["profile"] = profile_summary(info["path"])   # `pylazy tune`'s defaults for this file
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

