@@ -94,7 +94,8 @@ def _suite(model_path, policies, args, seed, samples, out_dir, runner_factory=No
     from .eval.runner import run_suite
     return run_suite(model_path, policies, [args.length], args.tasks, args.depths, seed,
                      progress=not args.no_progress, out_dir=out_dir, n_samples=samples, ppl_tokens=0,
-                     make_plots=False, n_threads=args.threads, runner_factory=runner_factory)
+                     make_plots=False, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                     runner_factory=runner_factory)
 
 
 def _combos(rows: List[dict], policies: Dict[str, dict], n: int) -> Dict[str, dict]:
@@ -214,13 +215,14 @@ def tune(model_path: str, args: argparse.Namespace, runner_factory=None) -> dict
             profile["verified"] = verify(model_path, args, name, sweep["policies"][name], work, runner_factory)
     path = save_profile(model_path, profile, args.profile_dir)
     profile["path"] = str(path)
-    plot = plot_sweep(profile, str(path.with_suffix(".png")))
+    plot = None if args.no_plot else plot_sweep(profile, str(path.with_suffix(".png")))
     if args.out:
         import json
         import shutil
         os.makedirs(args.out, exist_ok=True)
         shutil.copy(path, os.path.join(args.out, "profile.json"))
-        shutil.copy(plot, os.path.join(args.out, "sweep.png"))
+        if plot:
+            shutil.copy(plot, os.path.join(args.out, "sweep.png"))
         with open(os.path.join(args.out, "sweep-results.json"), "w") as f:
             json.dump(sweep["results"], f, indent=1, default=repr)
     return profile
@@ -255,6 +257,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--verify-samples", type=int, default=0,
                     help="re-measure full and the chosen setting on this many held-out samples per task/depth")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
+    ap.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (-1: all)")
+    ap.add_argument("--no-plot", action="store_true", help="no PNG (matplotlib not needed)")
     ap.add_argument("--profile-dir", default=None, help="where profiles live (default: $PYLAZY_PROFILES or the cache)")
     ap.add_argument("--out", default=None, help="also copy profile.json, sweep.png and the raw results here")
     ap.add_argument("--no-progress", action="store_true")
@@ -306,5 +310,6 @@ def _cmd_tune(args) -> int:
         print(f"held out ({v['prompts']} prompts, seed {v['seed']}): {v['accuracy']:.2f} vs full "
               f"{v['full_accuracy']:.2f} = {v['relative_accuracy']:.3f} of full; "
               f"{'meets' if v['meets_budget'] else 'MISSES'} the budget")
-    print(f"profile: {profile['path']} (plot {os.path.splitext(profile['path'])[0]}.png)", file=sys.stderr)
+    print(f"profile: {profile['path']}" + ("" if args.no_plot else
+          f" (plot {os.path.splitext(profile['path'])[0]}.png)"), file=sys.stderr)
     return 0
