@@ -27,9 +27,9 @@ from typing import Dict, List, Optional, Sequence
 
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "vt", "qa")
 DEFAULT_DEPTHS = (0.2, 0.5, 0.8)
-DEFAULT_LAZY_KEEPS = ("0.7,0.5,0.35", "0.6,0.4,0.25", "0.45,0.3,0.2", "0.3,0.2,0.1")
+DEFAULT_LAZY_KEEPS = ("0.7,0.5,0.35", "0.6,0.4,0.25", "0.45,0.3,0.2")
 LAZY_LAYERS = (0.25, 0.5, 0.75)   # where the schedules prune: the measured default's depths
-DEFAULT_K_DIVISORS = (16, 8, 4)   # recycle K = length / divisor
+DEFAULT_K_DIVISORS = (16, 8)      # recycle K = length / divisor
 DEFAULT_STRIDES = (16, 32)
 DEFAULT_THRESHOLDS = (0.9,)       # dynamic stride, tried at K = length / 8, stride 16
 HELD_OUT_SEED_OFFSET = 1000
@@ -121,10 +121,11 @@ def run_sweep(model_path: str, args: argparse.Namespace, work_dir: str, runner_f
     results = [stage1]
     if combos:
         policies.update(combos)
-        stage2 = _suite(model_path, {"full": {}, **combos}, args, args.seed, args.samples,
+        # same prompts as stage 1, so its full-attention row is the baseline of these too
+        stage2 = _suite(model_path, combos, args, args.seed, args.samples,
                         os.path.join(work_dir, "stage2"), runner_factory)
         results.append(stage2)
-        rows += [r for r in summarize(stage2, args.gen_tokens) if r["name"] != "full"]
+        rows += summarize(stage2, args.gen_tokens)
     chosen = choose(rows, args.min_accuracy)
     return {"rows": rows, "chosen": chosen, "policies": policies, "results": results,
             "seconds": time.perf_counter() - t0}
@@ -253,7 +254,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--strides", type=int, nargs="*", default=list(DEFAULT_STRIDES))
     ap.add_argument("--thresholds", type=float, nargs="*", default=list(DEFAULT_THRESHOLDS),
                     help="dynamic thresholds tried at K = length / 8, stride 16")
-    ap.add_argument("--combos", type=int, default=2, help="lazy + recycle pairs tried in stage 2 (default 2)")
+    ap.add_argument("--combos", type=int, default=1, help="lazy + recycle pairs tried in stage 2 (default 1)")
     ap.add_argument("--verify-samples", type=int, default=0,
                     help="re-measure full and the chosen setting on this many held-out samples per task/depth")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
