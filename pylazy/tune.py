@@ -95,7 +95,7 @@ def _suite(model_path, policies, args, seed, samples, out_dir, runner_factory=No
     return run_suite(model_path, policies, [args.length], args.tasks, args.depths, seed,
                      progress=not args.no_progress, out_dir=out_dir, n_samples=samples, ppl_tokens=0,
                      make_plots=False, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                     runner_factory=runner_factory)
+                     runner_factory=runner_factory, max_new_tokens=args.max_new_tokens)
 
 
 def _combos(rows: List[dict], policies: Dict[str, dict], n: int) -> Dict[str, dict]:
@@ -163,6 +163,7 @@ def build_profile(model_path: str, args: argparse.Namespace, sweep: dict) -> dic
         "tuned": {"length": args.length, "tasks": list(args.tasks), "depths": list(args.depths),
                   "seed": args.seed, "samples": args.samples, "prompts": chosen["prompts"],
                   "min_accuracy": args.min_accuracy, "gen_tokens": args.gen_tokens,
+                  "max_new_tokens": args.max_new_tokens,
                   "threads": args.threads, "sweep_seconds": round(sweep["seconds"], 1),
                   "rule": "fastest (TTFT + gen_tokens / decode tok/s) with accuracy >= min_accuracy x full's"},
         "sweep": [{k: (round(r[k], 4) if isinstance(r[k], float) and math.isfinite(r[k]) else r[k])
@@ -245,6 +246,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
     ap.add_argument("--samples", type=int, default=1, help="prompts per task and depth")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=24,
+                    help="cap on each answer's tokens (default 24: a 7-digit number, 5 variable names or a "
+                         "name fit; what follows the answer only costs time)")
     ap.add_argument("--gen-tokens", type=int, default=64,
                     help="tokens of a typical answer, for the request-time estimate (default 64)")
     ap.add_argument("--lazy-keeps", type=_floats, nargs="*", default=[_floats(k) for k in DEFAULT_LAZY_KEEPS],
@@ -271,7 +275,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--min-accuracy is a fraction of full attention's accuracy, got {args.min_accuracy}")
     if args.length < 256:
         raise ValueError(f"--length must be >= 256 tokens, got {args.length}")
-    for name in ("samples", "gen_tokens"):
+    for name in ("samples", "gen_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.combos < 0 or args.verify_samples < 0:
