@@ -5,7 +5,8 @@
         --run docs/eval/gpu/sweep8-combo-seed13-results.json.gz:full,lazy_default=LazyPrefill(),rec_s16=Recycle(),lazy_rec=both \
         --run docs/eval/gpu/sweep7-seed13-results.json.gz:stream=StreamingLLM
 
-Each --run is FILE:POLICY[=LABEL],... (results.json or .json.gz). Only prompts (task, length, depth,
+Each --run is FILE:POLICY[=LABEL],... (results.json or .json.gz); a label given in several runs
+(other seeds, other lengths) takes the prompts of all of them. Only prompts (task, length, depth,
 seed) that every selected policy ran are kept, so each row compares like with like; the records
 are rebuilt from those instances. Writes OUT/results.json.gz, OUT/table.md (pylazy.eval.merge's table,
 then needles scored over all prompts and their share of full attention's, with TTFT and decode
@@ -56,7 +57,9 @@ def combine(runs) -> dict:
             recs = [r for r in data["records"] if r["policy"] == old]
             if not recs:
                 raise SystemExit(f"{path}: no policy {old!r} (has {sorted({r['policy'] for r in data['records']})})")
-            chosen[new] = {_key(r["task"], r["context_len"], i): i for r in recs for i in r["instances"]}
+            # the same label from several runs (other seeds) adds their prompts
+            chosen.setdefault(new, {}).update({_key(r["task"], r["context_len"], i): i
+                                               for r in recs for i in r["instances"]})
             policies[new] = data["config"]["policies"][old]
     common = set.intersection(*(set(v) for v in chosen.values()))
     if not common:
