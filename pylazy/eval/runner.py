@@ -270,9 +270,8 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     <= 512 tokens and <= 64 forced. runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner.
     max_new_tokens caps every task's answer length (pylazy tune: the answers fit well within it).
     """
-    if model_path is None:
-        from ..models import default_model_path
-        model_path = default_model_path()
+    from ..models import resolve_model_path
+    model_path = resolve_model_path(model_path)   # None: the default model; registry names work too
     policies = {"full": {}} if policies is None else dict(policies)
     if quick:
         depths = sorted({depths[0], depths[-1]})
