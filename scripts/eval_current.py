@@ -5,7 +5,7 @@
         --run docs/eval/gpu/sweep8-combo-seed13-results.json.gz:full,lazy_default=LazyPrefill(),rec_s16=Recycle(),lazy_rec=both \
         --run docs/eval/gpu/sweep7-seed13-results.json.gz:stream=StreamingLLM
 
-Each --run is FILE:POLICY[=LABEL],... (results.json or .json.gz); a label given in several runs
+Each --run is FILE:POLICY[=LABEL],... (results.json, .json.gz, or a run's partial.jsonl); a label given in several runs
 (other seeds, other lengths) takes the prompts of all of them. Only prompts (task, length, depth,
 seed) that every selected policy ran are kept, so each row compares like with like; the records
 are rebuilt from those instances. Writes OUT/results.json.gz, OUT/table.md (pylazy.eval.merge's table,
@@ -28,8 +28,24 @@ from pylazy.eval.runner import _aggregate  # noqa: E402
 
 
 def load(path: str) -> dict:
+    """A results.json(.gz), or the partial.jsonl of a run cut short (policies' kwargs unknown there:
+    "full" is taken as the baseline)."""
+    if path.endswith(".jsonl"):
+        return _load_partial(path)
     with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
         return json.load(f)
+
+
+def _load_partial(path: str) -> dict:
+    groups = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                inst = json.loads(line)
+                groups[(inst.pop("policy"), inst.pop("task"), inst.pop("context_len"))].append(inst)
+    records = [{"policy": p, "task": t, "context_len": n, "instances": rs} for (p, t, n), rs in groups.items()]
+    policies = {p: {} if p == "full" else {"from": "partial.jsonl"} for p, _, _ in groups}
+    return {"config": {"policies": policies}, "records": records}
 
 
 def parse_run(spec: str):

@@ -46,3 +46,14 @@ def test_a_label_in_two_runs_takes_both_runs_prompts(tmp_path):
         eval_current.combine([(a, [("nope", "x")])])
     assert eval_current.parse_run("dir/r.json:full,lazy_default=LazyPrefill()") == \
         ("dir/r.json", [("full", "full"), ("lazy_default", "LazyPrefill()")])
+
+
+def test_partial_jsonl_of_a_cut_run(tmp_path):
+    lines = [{"policy": p, "task": "qa", "context_len": 4096, "depth": 0.25, "seed": s, "score": sc,
+              "ttft_s": 1.0, "decode_tok_s": 5.0, "prompt_tokens": 4090, "stats": {}} for p, s, sc in
+             [("full", 0, 1.0), ("lazy", 0, 1.0), ("full", 1, 1.0)]]   # cut before lazy's seed 1
+    path = tmp_path / "partial.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    res = eval_current.combine([(str(path), [("full", "full"), ("lazy", "lazy")])])
+    assert res["config"]["prompts"] == 1 and res["config"]["policies"]["full"] == {}
+    assert [r["accuracy"] for r in res["records"]] == [1.0, 1.0]

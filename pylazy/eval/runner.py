@@ -257,7 +257,8 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               make_plots: bool = True, n_threads: Optional[int] = None,
               share_runner: Optional[bool] = None, n_gpu_layers: Optional[int] = None,
               max_new_tokens: Optional[int] = None) -> dict:
-    """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
+    """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs), and
+    out_dir/partial.jsonl as it goes (one instance a line; scripts/eval_current.py reads it).
 
     A policy is a kwargs dict or a callable context_len -> dict. Loops run task-major,
     policy-minor. share_runner (default: backend pylazy without runner_factory): one runner
@@ -309,6 +310,8 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
         bar = tqdm(total=len(policies) * (len(suite) + len(ppl_lens) * bool(ppl_ids)),
                    unit="run", file=sys.stderr)
     runs = defaultdict(list)    # (policy, spec, length) -> instance records
+    os.makedirs(out_dir, exist_ok=True)
+    partial = open(os.path.join(out_dir, "partial.jsonl"), "w")
     for task in suite:
         L = task.context_len
         # full-attention-prefill policies first, back to back: one prefill for all of them
@@ -335,8 +338,13 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
                 "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
                 "prompt_tokens": st.get("prompt_tokens", task.n_tokens),
                 "answers": task.answers, **g})
+            # one line per finished instance: a long CPU run cut short keeps what it measured
+            partial.write(json.dumps({"policy": pname, "task": task.spec, "context_len": L,
+                                      **runs[(pname, task.spec, L)][-1]}, default=repr) + "\n")
+            partial.flush()
             if bar:
                 bar.update()
+    partial.close()
     records = [_aggregate(spec, pname, n, rs) for pname in policies
                for (pp, spec, n), rs in runs.items() if pp == pname]
     ppl_records = []
