@@ -25,8 +25,11 @@ import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 
-DEFAULT_TASKS = ("niah_single", "niah_multikey", "vt", "qa")
-DEFAULT_DEPTHS = (0.2, 0.5, 0.8)
+# Short answers (<= 36 tokens) that depend on a few positions of the context: what lazy pruning
+# and recycled selection can lose. 4 tasks x 2 depths = 8 prompts a sample: on 2 idle cores at 2K
+# the default grid takes ~10 CPU-minutes on SmolLM2 (docs/eval/README.md, "pylazy tune").
+DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "qa")
+DEFAULT_DEPTHS = (0.25, 0.75)
 DEFAULT_LAZY_KEEPS = ("0.7,0.5,0.35", "0.6,0.4,0.25", "0.45,0.3,0.2")
 LAZY_LAYERS = (0.25, 0.5, 0.75)   # where the schedules prune: the measured default's depths
 DEFAULT_K_DIVISORS = (16, 8)      # recycle K = length / divisor
@@ -246,9 +249,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=list(DEFAULT_DEPTHS))
     ap.add_argument("--samples", type=int, default=1, help="prompts per task and depth")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=24,
-                    help="cap on each answer's tokens (default 24: a 7-digit number, 5 variable names or a "
-                         "name fit; what follows the answer only costs time)")
+    ap.add_argument("--max-new-tokens", type=int, default=40,
+                    help="cap on each answer's tokens (default 40: four 7-digit numbers fit; what follows "
+                         "the answer only costs time)")
     ap.add_argument("--gen-tokens", type=int, default=64,
                     help="tokens of a typical answer, for the request-time estimate (default 64)")
     ap.add_argument("--lazy-keeps", type=_floats, nargs="*", default=[_floats(k) for k in DEFAULT_LAZY_KEEPS],
