@@ -138,8 +138,8 @@ def verify(model_path: str, args: argparse.Namespace, chosen: str, policy: dict,
            runner_factory=None) -> dict:
     """Full attention and the chosen setting on held-out prompts (seed + 1000)."""
     seed = args.seed + HELD_OUT_SEED_OFFSET
-    res = _suite(model_path, {"full": {}, chosen: policy} if chosen != "full" else {"full": {}},
-                 args, seed, args.verify_samples, os.path.join(work_dir, "verify"), runner_factory)
+    res = _suite(model_path, {"full": {}, chosen: policy}, args, seed, args.verify_samples,
+                 os.path.join(work_dir, "verify"), runner_factory)
     rows = summarize(res, args.gen_tokens)
     choose(rows, args.min_accuracy)
     row = rows[-1]
@@ -215,7 +215,7 @@ def tune(model_path: str, args: argparse.Namespace, runner_factory=None) -> dict
     with tempfile.TemporaryDirectory(prefix="pylazy-tune-") as work:
         sweep = run_sweep(model_path, args, work, runner_factory)
         profile = build_profile(model_path, args, sweep)
-        if args.verify_samples:
+        if args.verify_samples and profile["chosen"] != "full":   # full attention needs no check
             name = profile["chosen"]
             profile["verified"] = verify(model_path, args, name, sweep["policies"][name], work, runner_factory)
     path = save_profile(model_path, profile, args.profile_dir)
