@@ -426,7 +426,7 @@ def format_table(results: dict) -> str:
 def format_ppl_table(results: dict) -> str:
     """One row per perplexity run: context, scored tokens, ppl and its change from the
     baseline (the first policy without arguments), decode steps, teacher-forced decode speed."""
-    from .plots import baseline_policy
+    from .scoring import baseline_policy
     ppls = results.get("perplexity", [])
     base = {q["context_len"]: q for q in ppls if q["policy"] == baseline_policy(results)}
     cols = ["policy", "context", "scored", "ppl", "vs_full", "full/recycled", "dec_tok/s", "speedup"]

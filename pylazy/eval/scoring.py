@@ -40,3 +40,11 @@ METRIC = {"niah_single": string_match_all, "niah_multikey": string_match_all,
 def score(task, output: str) -> float:
     """The task's RULER metric on one output, in [0, 1]."""
     return METRIC.get(task.name, string_match_all)(output, task.answers)
+
+
+def baseline_policy(results: dict) -> str:
+    """The full-attention policy of a run_suite result: the first with no keyword arguments, else
+    the first. (Here, not in plots.py: the tables need it without importing matplotlib, which
+    segfaulted after llama_cpp on the GPU machine.)"""
+    pols = results["config"]["policies"]
+    return next((k for k, v in pols.items() if not v), next(iter(pols)))
