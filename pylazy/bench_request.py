@@ -79,7 +79,9 @@ def request_rows(model_path: str, tokens: Sequence[int], n_gen: int, threads: in
         rows.append(_row("llama-cpp-python", timed, n_gen))
     finally:
         ref.close()
-    llm = Llama(model_path, n_ctx=n_ctx, n_threads=threads, verbose=False, **(pylazy_kwargs or {}))
+    # explicit None: a `pylazy tune` profile of this file must not turn "full" into something else
+    llm = Llama(model_path, n_ctx=n_ctx, n_threads=threads, verbose=False, lazy=None, recycle=None,
+                **(pylazy_kwargs or {}))
     try:
         mask = _no_eos(llm.token_eos())
         llm.create_completion(prompt[:64], max_tokens=4, temperature=0)   # warm-up

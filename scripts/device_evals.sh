@@ -5,6 +5,8 @@
 # Env: SAMPLES, SEED, ONLY (names of the set's policies to run), TAG (suffix of the output folder, to
 # keep several runs of one call apart). SET=recycle runs only recycling settings, SET=lazy only
 # aggressive lazy schedules, SET=combo lazy + recycled together; all three at 4K/8K with no perplexity.
+# SET=families: the issue-22 table (every task family, full / LazyPrefill() / Recycle() / both /
+# StreamingLLM) at 4K/8K; perplexity at 8K context. DEPTHS overrides the depths.
 # No plots there: importing matplotlib after llama_cpp segfaulted in the GPU
 # machine's Python (2026-11-23, after the table was written); plot results.json locally.
 set -uo pipefail
@@ -34,6 +36,7 @@ declare -A P=(
   [lazy_rec]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec_share0]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
 )
+tasks="niah_single niah_multikey niah_multivalue" depths="0.1 0.3 0.5 0.7 0.9"
 case ${SET:-} in
   recycle) names="full rec_s16 rec_share0 rec_s16_p16 rec_s8 rec_k4_s16 stream" lengths=(4096 7936) ppl=0 ;;
   # how far the lazy schedule can go (the GPU issue's 2.5x TTFT at 32K needs ~40 % of token-layers computed)
@@ -45,6 +48,8 @@ case ${SET:-} in
   request) names="full lazy_default lazy_r16 rec_s16 lazy_rec stream" lengths=(4096 7936) ppl=0 ;;
   # the lazy decode choices: re-select every step (LazyLLM) vs the prompt's selection with a window
   reselect) names="full lazy_r1 lazy_w32p16 lazy_rec_r1 lazy_rec_w32p16 stream" lengths=(4096 7936) ppl=0 ;;
+  families) names="full lazy_default rec_s16 lazy_rec stream" lengths=(4096 7936) ppl=7936
+            tasks="niah_single niah_multikey niah_multivalue vt cwe fwe qa" depths="0.1 0.5 0.9" ;;
   *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
 esac
 args=()
@@ -55,7 +60,7 @@ for name in $names; do
 done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
-    --tasks niah_single niah_multikey niah_multivalue --depths 0.1 0.3 0.5 0.7 0.9 --samples ${SAMPLES:-2} --seed ${SEED:-0} \
+    --tasks $tasks --depths ${DEPTHS:-$depths} --samples ${SAMPLES:-2} --seed ${SEED:-0} \
     --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-smollm2-gpu${TAG:+-$TAG}" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"

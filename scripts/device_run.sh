@@ -8,6 +8,7 @@
 #   smol-a|b|c SmolLM2 arrives in three parts (98 MB + the repo > one call's 64 MiB), one per call:
 #              .device-smol-X/smol.part-NN from `split -n 3 -d MODEL smol.part-` here; evals joins them
 #   evals      needle accuracy of lazy/recycle settings on SmolLM2 (GPU), pylazy eval
+#   tune       pylazy tune on SmolLM2 (TUNE_LENGTH, default 8192; TUNE_SAMPLES, default 2; held-out check)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/out}
@@ -48,6 +49,13 @@ for step in "$@"; do
             cat /tmp/smol/smol.part-* > "$SMOL" && sha256sum "$SMOL" && cat .device/smol.sha256
         fi
         bash scripts/device_evals.sh "$SMOL" "$OUT" ;;
+    tune)   # pylazy tune on SmolLM2 (needs the joined file: run after `evals` or join here)
+        . $W/env.sh
+        [[ -s $SMOL ]] || cat /tmp/smol/smol.part-* > "$SMOL"
+        $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" \
+            tune -m "$SMOL" --length ${TUNE_LENGTH:-8192} --samples ${TUNE_SAMPLES:-2} --n-gpu-layers -1 \
+            --verify-samples ${TUNE_SAMPLES:-2} --no-plot --no-progress --profile-dir "$OUT/profiles" \
+            --out "$OUT/tune" 2>&1 | grep -v '^llama_\|^load\|^print_info' | tail -n 40 ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

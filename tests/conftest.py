@@ -8,6 +8,9 @@ from pathlib import Path
 # spin and made the SmolLM2 reference forward 5x slower (2.3 s vs 0.44 s CPU). Set before
 # numpy is imported; an explicit setting in the environment wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# `pylazy tune` profiles in the user's cache would change what Llama() defaults to; tests that
+# need profiles point PYLAZY_PROFILES at a temporary folder themselves.
+os.environ["PYLAZY_PROFILES"] = "off"
 
 import pytest
 

@@ -69,7 +69,9 @@ def model_info(path: str, use_gguf: Optional[bool] = None) -> Dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     from ..models import resolve_model_path
+    from ..profiles import profile_summary
     info = model_info(resolve_model_path(args.model), use_gguf=False if args.engine else None)
+    info["profile"] = profile_summary(info["path"])   # `pylazy tune`'s defaults for this file
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

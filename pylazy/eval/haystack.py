@@ -282,3 +282,17 @@ def fit_prompt(tokenize: Tokenize, target: int, head: str, tail: str, words: Seq
     if best is None:
         raise RuntimeError(f"could not fit a prompt under {target} tokens")
     return best
+
+
+def largest_fit(tokenize: Tokenize, target: int, build: Callable[[int], str], lo: int, hi: int) -> int:
+    """The largest m in [lo, hi] whose build(m) tokenizes to <= target tokens (length grows with
+    m); ValueError when even build(lo) is too long. A binary search: ~log2(hi - lo) tokenizations."""
+    if len(tokenize(build(lo))) > target:
+        raise ValueError(f"{target} tokens is too short for this task")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if len(tokenize(build(mid))) <= target:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

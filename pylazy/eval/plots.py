@@ -12,11 +12,7 @@ matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-def baseline_policy(results: dict) -> str:
-    """The full-attention policy: the first with no keyword arguments, else the first."""
-    pols = results["config"]["policies"]
-    return next((k for k, v in pols.items() if not v), next(iter(pols)))
+from .scoring import baseline_policy  # noqa: E402,F401  (re-exported: plots.baseline_policy)
 
 
 def _geomean(xs):

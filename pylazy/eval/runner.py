@@ -118,7 +118,9 @@ def open_runner(model_path: str, n_ctx: int, backend: str, policy: dict,
         return LlamaCppRunner(model_path, n_ctx, **extra, **policy)
     if backend == "pylazy":
         import pylazy
-        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **extra, **policy)
+        # lazy/recycle explicit (None = full): a `pylazy tune` profile must not relabel a policy
+        return pylazy.Llama(model_path=model_path, n_ctx=n_ctx, verbose=False, **extra,
+                            **{"lazy": None, "recycle": None, **policy})
     raise ValueError(f"unknown backend {backend!r}")
 
 
@@ -254,7 +256,8 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               chat: bool = False, n_samples: int = 1, ppl_tokens: int = 2048,
               ppl_decode: int = 256, runner_factory: Optional[Callable] = None, tokenize: Optional[Callable] = None,
               make_plots: bool = True, n_threads: Optional[int] = None,
-              share_runner: Optional[bool] = None, n_gpu_layers: Optional[int] = None) -> dict:
+              share_runner: Optional[bool] = None, n_gpu_layers: Optional[int] = None,
+              max_new_tokens: Optional[int] = None) -> dict:
     """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
 
     A policy is a kwargs dict or a callable context_len -> dict. Loops run task-major,
@@ -266,10 +269,10 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     teacher-forced after it; ppl_tokens=0 skips it; tasks=() runs perplexity only.
     quick: at most two depths (the first and last given), one sample, perplexity context
     <= 512 tokens and <= 64 forced. runner_factory(model_path, n_ctx, policy_kwargs) replaces open_runner.
+    max_new_tokens caps every task's answer length (pylazy tune: the answers fit well within it).
     """
-    if model_path is None:
-        from ..models import default_model_path
-        model_path = default_model_path()
+    from ..models import resolve_model_path
+    model_path = resolve_model_path(model_path)   # None: the default model; registry names work too
     policies = {"full": {}} if policies is None else dict(policies)
     if quick:
         depths = sorted({depths[0], depths[-1]})
@@ -283,6 +286,8 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
     if share_runner is None:
         share_runner = backend == "pylazy" and runner_factory is None
     suite = make_tasks(tasks, lengths, depths, seed, tokenize, n_samples)
+    for t in suite if max_new_tokens else ():
+        t.max_new_tokens = min(t.max_new_tokens, max_new_tokens)
     ppl_lens = sorted({min(n, ppl_tokens) for n in lengths}) if ppl_tokens > 0 else []
     ppl_ids = natural_text_tokens(tokenize, max(ppl_lens) + ppl_decode) if ppl_lens else []
     n_ctx = max([max(lengths) + max((t.max_new_tokens for t in suite), default=0)
@@ -300,6 +305,7 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
                    k: _describe_policy(v, lengths) for k, v in policies.items()},
                    "lengths": list(lengths), "tasks": list(tasks), "depths": list(depths),
                    "seed": seed, "quick": quick, "chat": chat, "n_samples": n_samples,
+                   "max_new_tokens": max_new_tokens,
                    "ppl_tokens": ppl_tokens, "ppl_decode": ppl_decode,
                    "n_threads": n_threads, "n_gpu_layers": n_gpu_layers, "shared_prefill": bool(share_runner),
                    "ttft_note": "ttft_s = the engine's prefill_s where it reports one (else time to "
@@ -450,7 +456,7 @@ def format_table(results: dict) -> str:
 def format_ppl_table(results: dict) -> str:
     """One row per perplexity run: context, scored tokens, ppl and its change from the
     baseline (the first policy without arguments), decode steps, teacher-forced decode speed."""
-    from .plots import baseline_policy
+    from .scoring import baseline_policy
     ppls = results.get("perplexity", [])
     base = {q["context_len"]: q for q in ppls if q["policy"] == baseline_policy(results)}
     cols = ["policy", "context", "scored", "ppl", "vs_full", "full/recycled", "dec_tok/s", "speedup"]

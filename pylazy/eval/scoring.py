@@ -33,9 +33,18 @@ def string_match_part(output: str, answers: Sequence[str]) -> float:
 
 # RULER scores every synthetic family with string_match_all except QA (part).
 METRIC = {"niah_single": string_match_all, "niah_multikey": string_match_all,
-          "niah_multivalue": string_match_all, "vt": string_match_all, "cwe": string_match_all}
+          "niah_multivalue": string_match_all, "vt": string_match_all, "cwe": string_match_all,
+          "fwe": string_match_all, "qa": string_match_part}
 
 
 def score(task, output: str) -> float:
     """The task's RULER metric on one output, in [0, 1]."""
     return METRIC.get(task.name, string_match_all)(output, task.answers)
+
+
+def baseline_policy(results: dict) -> str:
+    """The full-attention policy of a run_suite result: the first with no keyword arguments, else
+    the first. (Here, not in plots.py: the tables need it without importing matplotlib, which
+    segfaulted after llama_cpp on the GPU machine.)"""
+    pols = results["config"]["policies"]
+    return next((k for k, v in pols.items() if not v), next(iter(pols)))

@@ -1,8 +1,11 @@
 """RULER-style synthetic long-context tasks, sized in tokens of the model under test.
 
 Families (RULER, arXiv 2404.06654): niah_single, niah_multikey, niah_multivalue, vt (variable
-tracking), cwe (common-words extraction). A task spec is "family" or "family:haystack" with
-haystack "noise" or "natural" (see haystack.py); cwe has no haystack and no depth.
+tracking: a chain of assignments whose hops are spread from the depth to the end, plus a
+distractor chain), cwe (common-words extraction), fwe (frequent-words extraction, tasks_fwe.py),
+qa (one question over generated documents about fictional towns, tasks_qa.py). A task spec is
+"family" or "family:haystack" with haystack "noise" or "natural" (see haystack.py); cwe, fwe
+and qa have no haystack option, cwe and fwe no depth (the answer is spread over the context).
 
 Depth: the first answer's first token sits at cs + depth * (ce - cs), [cs, ce) the token span of
 the haystack region (within 1-2 % of the prompt length). Where the needle is a block (multivalue's
@@ -20,13 +23,16 @@ from .haystack import Insert, fit_prompt, haystack_words, natural_sentences, nat
 
 Tokenize = Callable[[str], list]
 
-FAMILIES = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+FAMILIES = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe", "qa")
 DEFAULT_HAYSTACK = {"niah_single": "natural", "niah_multikey": "natural",
-                    "niah_multivalue": "natural", "vt": "noise", "cwe": None}
-MAX_NEW_TOKENS = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "vt": 48, "cwe": 120}
+                    "niah_multivalue": "natural", "vt": "noise", "cwe": None, "fwe": None, "qa": None}
+DEPTH_FREE = ("cwe", "fwe")
+MAX_NEW_TOKENS = {"niah_single": 32, "niah_multikey": 32, "niah_multivalue": 64, "vt": 48, "cwe": 120,
+                  "fwe": 50, "qa": 32}
 N_DISTRACTORS = 3    # niah_multikey: keys besides the one asked (RULER multikey_1 uses 4 keys)
 N_VALUES = 4         # niah_multivalue
 N_HOPS = 4           # vt: VAR chain of N_HOPS + 1 names
+N_VT_DISTRACTORS = 1 # vt: chains of other values, hops at random depths
 N_COMMON = 10        # cwe
 
 
@@ -53,9 +59,9 @@ def parse_spec(spec: str) -> tuple[str, Optional[str]]:
     family, _, hay = spec.partition(":")
     if family not in FAMILIES:
         raise ValueError(f"unknown task {family!r}; known: {', '.join(FAMILIES)}")
+    if DEFAULT_HAYSTACK[family] is None and hay:
+        raise ValueError(f"{family} has no haystack")
     hay = hay or DEFAULT_HAYSTACK[family]
-    if family == "cwe" and hay is not None:
-        raise ValueError("cwe has no haystack")
     return family, hay
 
 
@@ -124,19 +130,35 @@ def _niah(family, rng, depth):
     return _NIAH_HEAD, q, prefix, inserts, [values[0]]
 
 
+def _vt_chain(names: list[str], value: str) -> list[str]:
+    return [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+
+
 def _vt(rng, depth):
+    """The asked chain's hops at depth, then spread evenly towards the end (each hop in its own
+    place, as RULER scatters them: following the chain takes one lookup per hop); the
+    distractor chains' hops at random depths, in order."""
+    n_chains = 1 + N_VT_DISTRACTORS
     names: list[str] = []
-    while len(names) < N_HOPS + 1:
+    while len(names) < (N_HOPS + 1) * n_chains:
         v = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
         if v not in names:
             names.append(v)
-    value, = _numbers(rng, 1, 5)
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-    head = "Memorize and track the chain of variable assignments hidden in the following text.\n\n"
-    q = f"Find all variables that are assigned the value {value} in the text above."
-    prefix = (f"According to the chain of variable assignments in the text above, {len(names)} "
-              f"variables are assigned the value {value}, they are:")
-    return head, q, prefix, [Insert(depth, " ".join(chain), names[0])], names
+    values = _numbers(rng, n_chains, 5)
+    chains = [names[i * (N_HOPS + 1):(i + 1) * (N_HOPS + 1)] for i in range(n_chains)]
+    asked = _vt_chain(chains[0], values[0])
+    span = 1.0 - depth
+    inserts = [Insert(depth + span * i / len(asked), hop, chains[0][i], primary=i == 0)
+               for i, hop in enumerate(asked)]
+    for names_i, value in zip(chains[1:], values[1:]):
+        depths = sorted(rng.random() for _ in range(N_HOPS + 1))
+        inserts += [Insert(d, hop, names_i[j], primary=False)
+                    for j, (d, hop) in enumerate(zip(depths, _vt_chain(names_i, value)))]
+    head = "Memorize and track the chain(s) of variable assignments hidden in the following text.\n\n"
+    q = f"Find all variables that are assigned the value {values[0]} in the text above."
+    prefix = (f"According to the chain(s) of variable assignments in the text above, {len(chains[0])} "
+              f"variables are assigned the value {values[0]}, they are:")
+    return head, q, prefix, inserts, chains[0]
 
 
 def _assemble(question: str, prefix: str) -> tuple[str, str]:
@@ -183,17 +205,31 @@ def _cwe(rng: random.Random, context_len: int, tokenize: Tokenize):
     return prompt, chat, common
 
 
+def _fwe(rng: random.Random, context_len: int, tokenize: Tokenize):
+    from .tasks_fwe import PREFIX, QUESTION, make_fwe
+    tail, chat_tail = _assemble(QUESTION, PREFIX)
+    prompt, body, answers = make_fwe(rng, context_len, tokenize, tail)
+    return prompt, [{"role": "user", "content": body + chat_tail}], answers
+
+
 def make_task(spec: str, context_len: int, depth: Optional[float], seed: int,
               tokenize: Tokenize) -> Task:
     """One task instance; the same arguments always give the same task."""
     family, hay = parse_spec(spec)
     rng = _rng(family, hay, context_len, depth, seed)
-    if family == "cwe":
-        prompt, chat, answers = _cwe(rng, context_len, tokenize)
+    if family in DEPTH_FREE:
+        prompt, chat, answers = (_cwe(rng, context_len, tokenize) if family == "cwe"
+                                 else _fwe(rng, context_len, tokenize))
         return Task(family, context_len, None, seed, prompt, answers, MAX_NEW_TOKENS[family],
                     None, chat, len(tokenize(prompt)), -1)
     if depth is None or not 0.0 <= depth <= 1.0:
         raise ValueError(f"{family} needs a depth in [0, 1], got {depth}")
+    if family == "qa":
+        from .tasks_qa import make_qa
+        prompt, chat, answers, answer_char, _, _ = make_qa(rng, context_len, depth, tokenize, _assemble)
+        return Task(family, context_len, depth, seed, prompt, answers, MAX_NEW_TOKENS[family], None,
+                    [{"role": "user", "content": chat}], len(tokenize(prompt)),
+                    len(tokenize(prompt[:answer_char].rstrip(" "))))
     head, q, prefix, inserts, answers = (_vt(rng, depth) if family == "vt"
                                          else _niah(family, rng, depth))
     tail, chat_tail = _assemble(q, prefix)
@@ -213,7 +249,7 @@ def make_tasks(specs: Sequence[str], lengths: Sequence[int], depths: Sequence[fl
     for spec in specs:
         family, _ = parse_spec(spec)
         for n in lengths:
-            for d in ([None] if family == "cwe" else depths):
+            for d in ([None] if family in DEPTH_FREE else depths):
                 for s in range(n_samples):
                     out.append(make_task(spec, n, d, seed + s, tokenize))
     return out
