@@ -22,6 +22,7 @@ from pylazy.policy import StepKind
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import check_gguf
 from pylazy.llama_ref import reference_llama
+from tests.text_tokens import readme_tokens
 
 MAX_ABS_DIFF = 0.0   # exact: same kernels, same batch shapes as llama.cpp (see _assert_matches_llama_cpp)
 THREADS = 1           # a second thread only adds barrier waits (seconds a step on these busy cores)
@@ -183,19 +184,10 @@ def gemma_path():
     return registry_model_path("gemma3-270m")
 
 
-def _text_tokens(path, n):
-    """n tokens of real text (this repository's README, BOS first), by llama.cpp's tokenizer."""
-    from pathlib import Path
-    ref = reference_llama(path, vocab_only=True)
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text() * 4
-    toks = ref.tokenize(text.encode(), add_bos=True)[:n]
-    ref.close()
-    assert len(toks) == n
-    return toks
 
 
 def test_gemma3_270m_short_prompt_and_greedy_match_llama_cpp(gemma_path):
-    prompt = _text_tokens(gemma_path, 64)
+    prompt = readme_tokens(gemma_path, 64)
     with Model(gemma_path, n_threads=THREADS) as m, Context(m, n_ctx=256) as ctx:
         assert (m.info.n_layer, m.info.n_swa, m.info.n_swa_layers, m.info.head_dim) == (18, 512, 15, 256)
         got = ctx.eval(prompt, all_logits=True)
@@ -220,7 +212,7 @@ def test_gemma3_270m_short_prompt_and_greedy_match_llama_cpp(gemma_path):
 def test_gemma3_270m_prompt_over_window_matches_llama_cpp(gemma_path):
     # 700 tokens > the 512-token window: the SWA layers' mask cuts every row from position 512 on.
     # (~14 s here: under the 20 s that would make it `slow`)
-    prompt = _text_tokens(gemma_path, 700)
+    prompt = readme_tokens(gemma_path, 700)
     t0 = time.time()
     with Model(gemma_path, n_threads=THREADS) as m, Context(m, n_ctx=1024) as ctx:
         got = ctx.eval(prompt)[0]

@@ -7,13 +7,13 @@ is qwen2 with q/k/v biases, 24 layers, 14 query / 2 KV heads (GQA 7) and mixed Q
 weights: a real file of the arch the tiny random qwen2 models stand in for elsewhere.
 """
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pylazy.engine import Context, Model
 from pylazy.llama_ref import reference_llama
+from tests.text_tokens import readme_tokens
 
 MAX_ABS_DIFF = 0.0
 THREADS = 1
@@ -28,14 +28,6 @@ def qwen_path():
     return registry_model_path("qwen2.5-coder-0.5b")
 
 
-def _text_tokens(path, n):
-    """n tokens of real text (this repository's README), by llama.cpp's tokenizer."""
-    ref = reference_llama(path, vocab_only=True)
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text() * 4
-    toks = ref.tokenize(text.encode(), add_bos=True)[:n]
-    ref.close()
-    assert len(toks) == n
-    return toks
 
 
 def _last_logits(ref):
@@ -61,7 +53,7 @@ def test_qwen_file_is_the_recorded_one(qwen_path):
 
 
 def test_qwen_all_logits_and_greedy_match_llama_cpp(qwen_path):
-    prompt = _text_tokens(qwen_path, 64)
+    prompt = readme_tokens(qwen_path, 64)
     with Model(qwen_path, n_threads=THREADS) as m, Context(m, n_ctx=256) as ctx:
         got = ctx.eval(prompt, all_logits=True)
         toks = [int(got[-1].argmax())]
@@ -82,7 +74,7 @@ def test_qwen_all_logits_and_greedy_match_llama_cpp(qwen_path):
 @pytest.mark.slow   # ~34 s on 2 busy cores
 def test_qwen_prompt_over_one_batch_matches_llama_cpp(qwen_path):
     # 700 tokens: two 512-token batches, the second attending over the first's cache
-    prompt = _text_tokens(qwen_path, 700)
+    prompt = readme_tokens(qwen_path, 700)
     with Model(qwen_path, n_threads=THREADS) as m, Context(m, n_ctx=1024) as ctx:
         got = [ctx.eval(prompt)[0]]
         toks = [int(got[0].argmax())]
