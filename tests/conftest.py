@@ -82,3 +82,23 @@ def write_stub_gguf(path, arch, **hparams):
         w.add_uint32(f"{arch}.{key}", value)
     w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
     return finish_gguf(w, path)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    """Stock llama_cpp.Llama on the default model with its defaults (pylazy.Llama's too), n_ctx 512;
+    logits_all for logprobs (greedy text is the same without it)."""
+    from pylazy.llama_ref import reference_llama
+    from pylazy.models import default_model_path
+    r = reference_llama(default_model_path(), n_ctx=512, logits_all=True)
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """pylazy.Llama on the default model, n_ctx 512, its defaults."""
+    from pylazy import Llama
+    m = Llama(n_ctx=512, verbose=False)
+    yield m
+    m.close()

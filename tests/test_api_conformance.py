@@ -19,19 +19,8 @@ CHAT = [{"role": "system", "content": "You are a terse assistant."},
         {"role": "user", "content": "Name three primary colors."}]
 
 
-@pytest.fixture(scope="module")
-def ref():
-    # logits_all: the reference needs it for logprobs; greedy text is the same without it
-    r = reference_llama(default_model_path(), n_ctx=N_CTX, logits_all=True)
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def llm():
-    m = Llama(n_ctx=N_CTX, verbose=False)
-    yield m
-    m.close()
+# `ref` (stock llama_cpp.Llama) and `llm` (pylazy.Llama), both with their defaults on the default model
+# at n_ctx 512: tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,20 +26,8 @@ PERSON = {"type": "object", "additionalProperties": False, "required": ["name", 
 ASK_PERSON = [{"role": "user", "content": "Give a JSON object with the name and age of a person."}]
 
 
-@pytest.fixture(scope="module")
-def ref():
-    # as tests/test_api_conformance.py: both libraries' defaults (flash attention off), where pylazy's
-    # logits equal llama.cpp's
-    r = reference_llama(default_model_path(), n_ctx=N_CTX)
-    yield r
-    r.close()
-
-
-@pytest.fixture(scope="module")
-def llm():
-    m = Llama(n_ctx=N_CTX, verbose=False)
-    yield m
-    m.close()
+# `ref` and `llm`: both libraries with their defaults (flash attention off), where pylazy's logits equal
+# llama.cpp's (tests/conftest.py)
 
 
 def text(resp):
