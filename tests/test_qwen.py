@@ -1,7 +1,7 @@
 """Qwen2.5-Coder-0.5B-Instruct (registry "qwen2.5-coder-0.5b", the `qwen` extra: six part packages
 joined by pylazy/parts.py) against llama.cpp.
 
-llama.cpp runs with flash attention, the kernel pylazy's graph uses, and the same batch shapes, so
+llama.cpp and pylazy both run with flash attention and the same batch shapes, so
 every comparison is exact (max |logit diff| 0.0, measured), as for SmolLM2 and Gemma 3. The model
 is qwen2 with q/k/v biases, 24 layers, 14 query / 2 KV heads (GQA 7) and mixed Q5_0/Q8_0/Q4_K/Q6_K
 weights: a real file of the arch the tiny random qwen2 models stand in for elsewhere.
@@ -54,7 +54,7 @@ def test_qwen_file_is_the_recorded_one(qwen_path):
 
 def test_qwen_all_logits_and_greedy_match_llama_cpp(qwen_path):
     prompt = readme_tokens(qwen_path, 64)
-    with Model(qwen_path, n_threads=THREADS) as m, Context(m, n_ctx=256) as ctx:
+    with Model(qwen_path, n_threads=THREADS) as m, Context(m, n_ctx=256, flash_attn=True) as ctx:
         got = ctx.eval(prompt, all_logits=True)
         toks = [int(got[-1].argmax())]
         for _ in range(15):
@@ -75,7 +75,7 @@ def test_qwen_all_logits_and_greedy_match_llama_cpp(qwen_path):
 def test_qwen_prompt_over_one_batch_matches_llama_cpp(qwen_path):
     # 700 tokens: two 512-token batches, the second attending over the first's cache
     prompt = readme_tokens(qwen_path, 700)
-    with Model(qwen_path, n_threads=THREADS) as m, Context(m, n_ctx=1024) as ctx:
+    with Model(qwen_path, n_threads=THREADS) as m, Context(m, n_ctx=1024, flash_attn=True) as ctx:
         got = [ctx.eval(prompt)[0]]
         toks = [int(got[0].argmax())]
         for _ in range(7):
