@@ -13,6 +13,7 @@ import pytest
 import models.tiny as tiny
 from pylazy import Llama
 from pylazy.engine import KV_TYPES, Context, Model
+from pylazy.policy import StepKind
 from pylazy.llama_ref import amx_offered, reference_llama
 
 MAX_ABS_DIFF = 0.0
@@ -95,7 +96,7 @@ def test_quantized_cache_under_lazy_and_recycled_attention(files, flash_attn):
                 ctx.set_recycle(1 if k else 0, k, 4, 0, pool=1, share=0.5)
                 out = [ctx.eval(TOKENS[:100])[0]]
                 for i in range(12):
-                    out.append(ctx.decode(int(out[-1].argmax()), recycled=i % 4 != 0)[0])
+                    out.append(ctx.decode(int(out[-1].argmax()), StepKind.RECYCLED if i % 4 != 0 else StepKind.FULL)[0])
                 return np.array(out), ctx.recycle_stats()
         full, _ = run()
         kept_all, _ = run([(0, 1.0)])
