@@ -61,6 +61,6 @@ done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
     --tasks $tasks --depths ${DEPTHS:-$depths} --samples ${SAMPLES:-2} --seed ${SEED:-0} \
-    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-smollm2-gpu${TAG:+-$TAG}" "${args[@]}" 2>&1 \
+    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-${MODEL_NAME:-smollm2}-gpu${TAG:+-$TAG}" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"

@@ -9,6 +9,10 @@
 #              .device-smol-X/smol.part-NN from `split -n 3 -d MODEL smol.part-` here; evals joins them
 #   evals      needle accuracy of lazy/recycle settings on SmolLM2 (GPU), pylazy eval
 #   tune       pylazy tune on SmolLM2 (TUNE_LENGTH, default 8192; TUNE_SAMPLES, default 2; held-out check)
+#   part-X     pieces of model files, one call each: .device-part-X/models.txz.NN (from
+#              scripts/device_parts.sh here) copied to /tmp/models; `families` joins and unpacks them
+#   families   issue 22's cross-model table: SET=families evals on every model joined from /tmp/models
+#              (MODELS="qwen gemma smol" narrows and orders them; NAME.sha256 checked)
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/out}
@@ -41,6 +45,17 @@ for step in "$@"; do
     bench)
         . $W/env.sh
         $PY scripts/gpu_bench.py --model "$PYLAZY_MODEL_8B" --out "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -n 30 ;;
+    part-[a-z])
+        mkdir -p /tmp/models && cp .device-$step/models.txz.* /tmp/models/ && ls -la /tmp/models | tail -n +2 ;;
+    families)
+        . $W/env.sh
+        if ! compgen -G "/tmp/models/*.gguf" >/dev/null; then
+            (cd /tmp/models && cat models.txz.* | xz -d | tar -x; sha256sum -c ./*.sha256)
+        fi
+        for name in ${MODELS:-qwen gemma smol}; do
+            [[ -s /tmp/models/$name.gguf ]] || { echo "$name: not (wholly) carried"; continue; }
+            SET=families MODEL_NAME=$name bash scripts/device_evals.sh "/tmp/models/$name.gguf" "$OUT"
+        done ;;
     smol-[a-z])
         mkdir -p /tmp/smol && cp .device-$step/smol.part-* /tmp/smol/ && ls -la /tmp/smol ;;
     evals)
