@@ -48,7 +48,7 @@ case ${SET:-} in
   request) names="full lazy_default lazy_r16 rec_s16 lazy_rec stream" lengths=(4096 7936) ppl=0 ;;
   # the lazy decode choices: re-select every step (LazyLLM) vs the prompt's selection with a window
   reselect) names="full lazy_r1 lazy_w32p16 lazy_rec_r1 lazy_rec_w32p16 stream" lengths=(4096 7936) ppl=0 ;;
-  families) names="full lazy_default rec_s16 lazy_rec stream" lengths=(4096 7936) ppl=7936
+  families) names="full lazy_default rec_s16 lazy_rec stream" lengths=(${LENGTHS:-4096 7936}) ppl=${PPL:-7936}
             tasks="niah_single niah_multikey niah_multivalue vt cwe fwe qa" depths="0.1 0.5 0.9" ;;
   *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
 esac
@@ -61,6 +61,6 @@ done
 t0=$SECONDS
 $PY -c "import llama_cpp, sys; from pylazy.cli import main; sys.exit(main())" eval --model "$MODEL" --n-gpu-layers -1 --lengths "${lengths[@]}" \
     --tasks $tasks --depths ${DEPTHS:-$depths} --samples ${SAMPLES:-2} --seed ${SEED:-0} \
-    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-${MODEL_NAME:-smollm2}-gpu${TAG:+-$TAG}" "${args[@]}" 2>&1 \
+    --ppl-tokens $ppl --ppl-decode 256 --no-progress --no-plots --out "$OUT/eval-${MODEL_NAME:-smollm2}${TAG:+-$TAG}" "${args[@]}" 2>&1 \
     | grep -v '^llama_\|^load\|^print_info\|^\.\.\.' | tail -n 60
 echo "evals: $((SECONDS - t0)) s"
