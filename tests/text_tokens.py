@@ -1,5 +1,8 @@
 """Real text as a model's tokens, for tests that compare a registry model with llama.cpp."""
+import importlib.util
 from pathlib import Path
+
+import pytest
 
 from pylazy.llama_ref import reference_llama
 
@@ -12,3 +15,11 @@ def readme_tokens(path, n):
     ref.close()
     assert len(toks) == n
     return toks
+
+
+def registry_path_or_skip(name, module, install_hint):
+    """The registry model's file, or a skip naming what to install when its package is absent."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} not installed ({install_hint})")
+    from pylazy.models import registry_model_path
+    return registry_model_path(name)
