@@ -44,7 +44,7 @@ std::vector<float> hadamard(int n) {
 }
 
 ggml_backend_t compute_backend(const Context & c) {
-    return c.model->backend_gpu ? c.model->backend_gpu : c.model->backend_cpu;
+    return c.model->output_backend();   // the rotation matrices: the scheduler copies them to other devices
 }
 
 ggml_type checked_type(int type, const char * which, int head_dim) {

@@ -222,21 +222,22 @@ void drop_graph_cache(Context & c) {
 // -- storage -------------------------------------------------------------------------------------
 
 static void free_stage(Stage & s) {
-    if (s.buf) ggml_backend_buffer_free(s.buf);
+    for (auto * b : s.bufs) ggml_backend_buffer_free(b);
     if (s.ctx) ggml_free(s.ctx);
-    s.buf = nullptr;
+    s.bufs.clear();
     s.ctx = nullptr;
 }
 
+// Where what is not per layer lives (the GPU mask template): the output head's device.
 static ggml_backend_t compute_backend(const Context & c) {
-    return c.model->backend_gpu ? c.model->backend_gpu : c.model->backend_cpu;
+    return c.model->output_backend();
 }
 
 // An I32 tensor over the memory of an allocated cache tensor (four bytes of a row as one int).
-ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t, int D) {
+ggml_tensor * bits_alias(ggml_context * ctx, ggml_tensor * t, int D) {
     if (ggml_row_size(t->type, D) % sizeof(int32_t) != 0) return nullptr;
     ggml_tensor * a = ggml_new_tensor_4d(ctx, GGML_TYPE_I32, ggml_row_size(t->type, t->ne[0]) / sizeof(int32_t), t->ne[1], t->ne[2], t->ne[3]);
-    if (ggml_backend_tensor_alloc(buf, a, t->data) != GGML_STATUS_SUCCESS) throw Error(PLZ_ERR_RUNTIME, "cannot alias a cache tensor");
+    if (ggml_backend_tensor_alloc(t->buffer, a, t->data) != GGML_STATUS_SUCCESS) throw Error(PLZ_ERR_RUNTIME, "cannot alias a cache tensor");
     return a;
 }
 
@@ -251,13 +252,19 @@ static void alloc_stage(Context & c, Stage & s, int capacity) {
         nk.push_back(new_stage_cache(ctx, c, false, capacity));
         nv.push_back(new_stage_cache(ctx, c, true, capacity));
     }
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_get_default_buffer_type(compute_backend(c)));
-    if (!buf) {
-        ggml_free(ctx);
-        throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the KV cache (" + std::to_string(capacity) + " cells)");
+    // Each layer's K/V on its layer's device (zeroed: unused cells are masked, but 0 * NaN is NaN in some kernels).
+    std::vector<std::pair<ggml_tensor *, ggml_backend_t>> place;
+    for (int il = s.il0; il < s.il1; ++il) {
+        place.push_back({nk[il - s.il0], c.model->layer_backend(il)});
+        place.push_back({nv[il - s.il0], c.model->layer_backend(il)});
     }
-    // Unused cells are masked, but 0 * NaN is still NaN inside some attention kernels: start from zeros.
-    ggml_backend_buffer_clear(buf, 0);
+    std::vector<ggml_backend_buffer_t> bufs;
+    try {
+        bufs = alloc_on_backends(place, ("the KV cache (" + std::to_string(capacity) + " cells)").c_str());
+    } catch (...) {
+        ggml_free(ctx);
+        throw;
+    }
     if (s.n_cells > 0) {
         for (int il = s.il0; il < s.il1; ++il) {
             copy_stage_cells(c, false, c.k[il], nk[il - s.il0], s.n_cells);
@@ -266,13 +273,13 @@ static void alloc_stage(Context & c, Stage & s, int capacity) {
     }
     free_stage(s);
     s.ctx = ctx;
-    s.buf = buf;
+    s.bufs = bufs;
     s.capacity = capacity;
     for (int il = s.il0; il < s.il1; ++il) {
         c.k[il] = nk[il - s.il0];
         c.v[il] = nv[il - s.il0];
-        c.k_bits[il] = bits_alias(ctx, buf, c.k[il], D);
-        c.v_bits[il] = c.kv.v_trans ? nullptr : bits_alias(ctx, buf, c.v[il], D);
+        c.k_bits[il] = bits_alias(ctx, c.k[il], D);
+        c.v_bits[il] = c.kv.v_trans ? nullptr : bits_alias(ctx, c.v[il], D);
     }
 }
 
@@ -309,7 +316,7 @@ Context::~Context() {
     rec.free_buffers();
     kv.free();
     for (auto & s : stages) free_stage(s);
-    if (buf_aux) ggml_backend_buffer_free(buf_aux);
+    for (auto * b : bufs_aux) ggml_backend_buffer_free(b);
     if (ctx_aux) ggml_free(ctx_aux);
     if (buf_tpl) ggml_backend_buffer_free(buf_tpl);
     if (ctx_tpl) ggml_free(ctx_tpl);
@@ -984,17 +991,21 @@ static void configure_stages(Context & c, const std::vector<int> & layers, const
         clear_stage_state(c, s);
         alloc_stage(c, s, &s == &c.stages[0] ? pad_to(c.n_ctx, KV_PAD) : std::min(KV_PAD, pad_to(c.n_ctx, KV_PAD)));
     }
-    if (c.buf_aux) ggml_backend_buffer_free(c.buf_aux);
+    for (auto * b : c.bufs_aux) ggml_backend_buffer_free(b);
     if (c.ctx_aux) ggml_free(c.ctx_aux);
-    c.buf_aux = nullptr;
+    c.bufs_aux.clear();
     c.ctx_aux = nullptr;
     c.aux.assign(c.stages.size(), nullptr);
     if (c.stages.size() > 1) {
         ggml_init_params ip = { ggml_tensor_overhead() * (c.stages.size() + 1), nullptr, true };
         c.ctx_aux = ggml_init(ip);
-        for (size_t s = 1; s < c.stages.size(); ++s) c.aux[s] = ggml_new_tensor_2d(c.ctx_aux, GGML_TYPE_F32, hp.n_embd, c.n_ctx);
-        c.buf_aux = ggml_backend_alloc_ctx_tensors_from_buft(c.ctx_aux, ggml_backend_get_default_buffer_type(compute_backend(c)));
-        if (!c.buf_aux) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the aux cache");
+        // aux[s] is read (revival) by stage s's first layer: on its device.
+        std::vector<std::pair<ggml_tensor *, ggml_backend_t>> place;
+        for (size_t s = 1; s < c.stages.size(); ++s) {
+            c.aux[s] = ggml_new_tensor_2d(c.ctx_aux, GGML_TYPE_F32, hp.n_embd, c.n_ctx);
+            place.push_back({c.aux[s], c.model->layer_backend(c.stages[s].il0)});
+        }
+        c.bufs_aux = alloc_on_backends(place, "the aux cache");
     }
 }
 
@@ -1032,7 +1043,9 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads, boo
     configure_kv_format(*c, flash, type_k, type_v);
 #ifdef PLZ_CUDA_GATHER
     // The kernel copies F16 rows per KV head: the flash-attention layout with F16 caches only.
-    c->cuda_gather = model->backend_gpu && std::strncmp(ggml_backend_name(model->backend_gpu), "CUDA", 4) == 0 &&
+    // It reads raw device pointers of every layer: only when one CUDA device holds them all.
+    c->cuda_gather = model->backend_gpu && model->single_backend() == model->backend_gpu &&
+                     std::strncmp(ggml_backend_name(model->backend_gpu), "CUDA", 4) == 0 &&
                      !env_is("PYLAZY_CUDA_GATHER", "0") && !c->kv.v_trans &&
                      c->kv.type_k == GGML_TYPE_F16 && c->kv.type_v == GGML_TYPE_F16;
 #endif
@@ -1045,10 +1058,15 @@ Context * new_context(Model * model, int n_ctx, int n_ubatch, int n_threads, boo
     c->graph_meta_refresh.resize(c->graph_meta.size());
     std::vector<ggml_backend_t> backends;
     std::vector<ggml_backend_buffer_type_t> bufts;
-    if (model->backend_gpu) {
-        backends.push_back(model->backend_gpu);
-        bufts.push_back(ggml_backend_get_default_buffer_type(model->backend_gpu));
-        if (!env_is("PYLAZY_PINNED", "0")) c->host_buft = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(model->backend_gpu));
+    // One scheduler over every device holding layers (CPU last, as ggml wants): ops run where their
+    // weights are, and the hidden state crosses devices through the scheduler's copies, as in llama.cpp.
+    for (ggml_backend_t be : model->backends) {
+        if (!be) continue;
+        backends.push_back(be);
+        bufts.push_back(ggml_backend_get_default_buffer_type(be));
+    }
+    if (model->backend_gpu && !env_is("PYLAZY_PINNED", "0")) {
+        c->host_buft = ggml_backend_dev_host_buffer_type(ggml_backend_get_device(model->backend_gpu));
     }
     backends.push_back(model->backend_cpu);
     bufts.push_back(c->host_buft ? c->host_buft : ggml_backend_get_default_buffer_type(model->backend_cpu));

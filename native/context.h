@@ -34,7 +34,7 @@ struct Stage {
     std::vector<int32_t> selected;      // positions chosen into this stage at the last step (s > 0)
     int64_t revived = 0;                // tokens computed here from the aux cache after prefill
     ggml_context * ctx = nullptr;       // holds k/v tensors of this stage's layers
-    ggml_backend_buffer_t buf = nullptr;
+    std::vector<ggml_backend_buffer_t> bufs;   // their memory: one buffer per device (each layer's on its device)
 };
 
 // Host-side wall time per phase of running a batch (PYLAZY_PROFILE=1).
@@ -63,7 +63,7 @@ struct Context {
     // position ([n_embd, n_ctx] F32): what a pruned token is revived from.
     std::vector<ggml_tensor *> aux;
     ggml_context * ctx_aux = nullptr;
-    ggml_backend_buffer_t buf_aux = nullptr;
+    std::vector<ggml_backend_buffer_t> bufs_aux;   // aux[s] on the device of stage s's first layer
 
     // Two schedulers, [0] for prefill, full and recycled steps, [1] for refresh steps, each with its
     // last one-token graph, reused while the next step of that kind has the same shape: building and
@@ -127,9 +127,9 @@ void eval(Context * c, const int32_t * tokens, int n, bool all_logits, float * l
 void reset(Context * c);
 void drop_graph_cache(Context & c);
 
-// An I32 tensor created in ctx over the memory of t, an allocated cache tensor of buf whose rows split
+// An I32 tensor created in ctx over the memory of t, an allocated cache tensor whose rows split
 // into KV-head rows of D values each; null when such a head row is not a whole number of ints.
-ggml_tensor * bits_alias(ggml_context * ctx, ggml_backend_buffer_t buf, ggml_tensor * t, int D);
+ggml_tensor * bits_alias(ggml_context * ctx, ggml_tensor * t, int D);
 
 // Forgets every token at position >= n (full attention only), as llama.cpp's cache truncation: the
 // next eval continues at n. Used to reuse a prompt's cache across generations.

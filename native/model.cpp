@@ -3,6 +3,7 @@
 #include "model.h"
 #include "arch.h"
 #include "pylazy.h"
+#include "rpc.h"
 
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
@@ -19,10 +20,15 @@ static Error load_error(const std::string & msg) { return Error(PLZ_ERR_LOAD, ms
 Model::~Model() {
     for (auto * b : buffers) ggml_backend_buffer_free(b);
     if (ctx_cpu) ggml_free(ctx_cpu);
-    if (ctx_dev && ctx_dev != ctx_cpu) ggml_free(ctx_dev);
+    for (auto * c : ctx_dev) if (c) ggml_free(c);
     for (auto & e : ctx_extra) ggml_free(e.second);
-    if (backend_gpu) ggml_backend_free(backend_gpu);
+    for (auto * b : backends) if (b) ggml_backend_free(b);
     if (backend_cpu) ggml_backend_free(backend_cpu);
+}
+
+ggml_backend_t Model::single_backend() const {
+    for (int il = 1; il <= hp.n_layer; ++il) if (layer_dev[il] != layer_dev[0]) return nullptr;
+    return layer_backend(0);
 }
 
 void set_cpu_threads(ggml_backend_t cpu, int n_threads) {
@@ -204,6 +210,7 @@ struct TensorPlan {
     ggml_tensor * meta;   // shape/type as in the file
     ggml_tensor ** dst;   // where the loaded tensor goes
     bool on_cpu;
+    int layer;            // its layer, -1 for the model-wide tensors
 };
 
 }  // namespace
@@ -223,7 +230,70 @@ static int64_t dim_size(const Hparams & hp, Dim d) {
     throw Error(PLZ_ERR_RUNTIME, "unknown tensor dimension in the architecture table");
 }
 
-Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bool use_extra_bufts) {
+// Backends and buffers: the CPU always (inputs, embeddings, CPU layers), each offload device that
+// holds a layer (devices.cpp) with its layers' weights; the output norm and head go with the head's
+// device. CPU matmul weights go to the extra buffer types llama.cpp would use.
+static void place_weights(Model & mr, ggml_context * meta, const std::vector<TensorPlan> & plan, const SplitParams & split,
+                          int n_threads, bool use_extra_bufts) {
+    Model * m = &mr;
+    const Hparams & hp = m->hp;
+    m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
+    if (!m->backend_cpu) throw Error(PLZ_ERR_RUNTIME, "cannot initialise the CPU backend");
+    m->n_threads = n_threads;
+    set_cpu_threads(m->backend_cpu, n_threads);
+    m->devices = split.n_gpu_layers != 0 ? offload_devices(split) : std::vector<ggml_backend_dev_t>{};
+    m->layer_dev = assign_layers(hp.n_layer, m->devices, split);
+    m->backends.assign(m->devices.size(), nullptr);
+    m->ctx_dev.assign(m->devices.size(), nullptr);
+    const size_t n_tensors = plan.size() + 1;
+    ggml_init_params ip = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc*/ true };
+    m->ctx_cpu = ggml_init(ip);
+    for (int d : m->layer_dev) {
+        if (d < 0 || m->backends[d]) continue;
+        m->backends[d] = ggml_backend_dev_init(m->devices[d], nullptr);
+        if (!m->backends[d]) throw Error(PLZ_ERR_RUNTIME, std::string("cannot initialise device ") + ggml_backend_dev_name(m->devices[d]));
+        m->ctx_dev[d] = ggml_init(ip);
+        if (!m->backend_gpu && !is_rpc_device(m->devices[d])) m->backend_gpu = m->backends[d];
+    }
+    // ggml context of the tensors of "layer" il (n_layer: the head and model-wide tensors).
+    auto layer_ctx = [&](int il) { return m->layer_dev[il] < 0 ? m->ctx_cpu : m->ctx_dev[m->layer_dev[il]]; };
+    const std::vector<ggml_backend_buffer_type_t> extras = use_extra_bufts ? weight_extra_bufts() : std::vector<ggml_backend_buffer_type_t>{};
+    auto extra_ctx = [&](const ggml_tensor * t) { return extra_weight_context(*m, extras, t, ip.mem_size); };
+    for (const auto & tp : plan) {
+        ggml_context * c = tp.on_cpu ? m->ctx_cpu : layer_ctx(tp.layer < 0 ? hp.n_layer : tp.layer);
+        ggml_context * e = c == m->ctx_cpu && tp.dst != &m->tok_embd ? extra_ctx(tp.meta) : nullptr;
+        *tp.dst = ggml_dup_tensor(e ? e : c, tp.meta);
+        ggml_set_name(*tp.dst, tp.meta->name);
+        m->n_extra_tensors += e != nullptr;
+    }
+    // Tied output head: the matmul should run where the head's layer runs, so an offload device gets
+    // its own copy; so does an extra buffer type that takes it (llama.cpp duplicates it the same way).
+    if (m->tied_output) {
+        ggml_tensor * emb_meta = ggml_get_tensor(meta, "token_embd.weight");
+        const bool on_dev = m->layer_dev[hp.n_layer] >= 0;
+        ggml_context * e = on_dev ? layer_ctx(hp.n_layer) : extra_ctx(emb_meta);
+        if (e) {
+            m->output = ggml_dup_tensor(e, emb_meta);
+            ggml_set_name(m->output, "output.weight(tied)");
+            m->n_extra_tensors += !on_dev;
+        } else {
+            m->output = m->tok_embd;
+        }
+    }
+    auto alloc = [&](ggml_context * c, ggml_backend_buffer_type_t buft) {
+        if (!ggml_get_first_tensor(c)) return;
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
+        if (!buf) throw Error(PLZ_ERR_RUNTIME, std::string("out of memory allocating model weights on ") + ggml_backend_buft_name(buft));
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        m->buffers.push_back(buf);
+        m->weight_bytes += ggml_backend_buffer_get_size(buf);
+    };
+    alloc(m->ctx_cpu, ggml_backend_get_default_buffer_type(m->backend_cpu));
+    for (size_t d = 0; d < m->devices.size(); ++d) if (m->ctx_dev[d]) alloc(m->ctx_dev[d], ggml_backend_get_default_buffer_type(m->backends[d]));
+    for (auto & e : m->ctx_extra) alloc(e.second, e.first);
+}
+
+Model * load_model(const std::string & path, const SplitParams & split, int n_threads, bool use_extra_bufts) {
     FILE * probe = std::fopen(path.c_str(), "rb");
     if (!probe) throw load_error("cannot open model file '" + path + "'");
     std::fseek(probe, 0, SEEK_END);
@@ -249,7 +319,7 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
 
     // Every tensor the graph reads, with the shape it must have.
     std::vector<TensorPlan> plan;
-    auto want = [&](const std::string & name, std::vector<int64_t> shape, ggml_tensor ** dst, bool on_cpu, bool required = true) {
+    auto want = [&](const std::string & name, std::vector<int64_t> shape, ggml_tensor ** dst, bool on_cpu, bool required, int layer) {
         ggml_tensor * t = ggml_get_tensor(meta, name.c_str());
         if (!t) {
             if (required) throw load_error("missing tensor '" + name + "'");
@@ -270,7 +340,7 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
         if ((long long) (off + ggml_nbytes(t)) > file_size) {
             throw load_error("tensor '" + name + "' data lies beyond the end of the file (truncated file?)");
         }
-        plan.push_back({t, dst, on_cpu});
+        plan.push_back({t, dst, on_cpu, layer});
         return true;
     };
     // Every tensor of the architecture table this arch has, bound to its field; absent optional
@@ -282,11 +352,11 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
         const std::vector<int64_t> shape = {dim_size(hp, row.ne0), dim_size(hp, row.ne1)};
         const bool required = row.required & bit;
         if (!row.per_layer) {
-            want(row.name, shape, &(m.get()->*row.model_field), row.on_cpu, required);
+            want(row.name, shape, &(m.get()->*row.model_field), row.on_cpu, required, -1);
             continue;
         }
         for (int il = 0; il < hp.n_layer; ++il) {
-            want("blk." + std::to_string(il) + "." + row.name, shape, &(m->layers[il].*row.layer_field), false, required);
+            want("blk." + std::to_string(il) + "." + row.name, shape, &(m->layers[il].*row.layer_field), false, required, il);
         }
     }
     m->tied_output = ggml_get_tensor(meta, "output.weight") == nullptr;   // (fields are set below, from the plan)
@@ -296,58 +366,7 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
         }
     }
 
-    // Backends: the best GPU when asked for and present, the CPU always (inputs, embeddings).
-    m->backend_cpu = ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr);
-    if (!m->backend_cpu) throw Error(PLZ_ERR_RUNTIME, "cannot initialise the CPU backend");
-    m->n_threads = n_threads;
-    set_cpu_threads(m->backend_cpu, n_threads);
-    if (n_gpu_layers != 0) {
-        if (ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)) {
-            m->backend_gpu = ggml_backend_dev_init(dev, nullptr);
-        }
-    }
-
-    const size_t n_tensors = plan.size() + 1;
-    ggml_init_params ip = { ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc*/ true };
-    m->ctx_cpu = ggml_init(ip);
-    m->ctx_dev = m->backend_gpu ? ggml_init(ip) : m->ctx_cpu;
-    // CPU only: the matrices of matmuls (every 2-D weight but the embedding rows) where llama.cpp puts them.
-    const std::vector<ggml_backend_buffer_type_t> extras = !m->backend_gpu && use_extra_bufts ? weight_extra_bufts()
-                                                                                               : std::vector<ggml_backend_buffer_type_t>{};
-    auto extra_ctx = [&](const ggml_tensor * meta) { return extra_weight_context(*m, extras, meta, ip.mem_size); };
-    for (const auto & tp : plan) {
-        ggml_context * c = tp.on_cpu ? m->ctx_cpu : m->ctx_dev;
-        ggml_context * e = tp.dst == &m->tok_embd ? nullptr : extra_ctx(tp.meta);
-        *tp.dst = ggml_dup_tensor(e ? e : c, tp.meta);
-        ggml_set_name(*tp.dst, tp.meta->name);
-        m->n_extra_tensors += e != nullptr;
-    }
-    // Tied output head: the matmul should run where the layers run, so the GPU gets its own copy; so
-    // does an extra buffer type that takes it for the matmul (llama.cpp duplicates it the same way).
-    ggml_tensor * out_copy_src = nullptr;
-    if (m->tied_output) {
-        ggml_tensor * emb_meta = ggml_get_tensor(meta, "token_embd.weight");
-        ggml_context * e = m->backend_gpu ? m->ctx_dev : extra_ctx(emb_meta);
-        if (e) {
-            m->output = ggml_dup_tensor(e, emb_meta);
-            ggml_set_name(m->output, "output.weight(tied)");
-            out_copy_src = emb_meta;
-            m->n_extra_tensors += !m->backend_gpu;
-        } else {
-            m->output = m->tok_embd;
-        }
-    }
-    auto alloc = [&](ggml_context * c, ggml_backend_buffer_type_t buft) {
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, buft);
-        if (!buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating model weights");
-        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-        m->buffers.push_back(buf);
-        m->weight_bytes += ggml_backend_buffer_get_size(buf);
-    };
-    alloc(m->ctx_cpu, ggml_backend_get_default_buffer_type(m->backend_cpu));
-    if (m->backend_gpu) alloc(m->ctx_dev, ggml_backend_get_default_buffer_type(m->backend_gpu));
-    for (auto & e : m->ctx_extra) alloc(e.second, e.first);
-
+    place_weights(*m, meta, plan, split, n_threads, use_extra_bufts);
     // Tensor data: one read per tensor straight into host buffers, through a staging vector for the GPU.
     FILE * f = std::fopen(path.c_str(), "rb");
     if (!f) throw load_error("cannot open model file '" + path + "'");
@@ -368,7 +387,7 @@ Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bo
         if (!ggml_backend_buffer_is_host(dst->buffer)) ggml_backend_tensor_set(dst, target, 0, n);
     };
     for (const auto & tp : plan) read_into(tp.meta, *tp.dst);
-    if (out_copy_src) read_into(out_copy_src, m->output);
+    if (m->output != m->tok_embd && m->tied_output) read_into(ggml_get_tensor(meta, "token_embd.weight"), m->output);
     return m.release();
 }
 

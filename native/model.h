@@ -10,6 +10,8 @@
 
 namespace plz {
 
+class RpcExecutor;
+
 // Errors carry the C API code they map to.
 struct Error : std::runtime_error {
     int code;
@@ -59,12 +61,28 @@ struct Model {
     ggml_tensor * rope_freqs = nullptr;   // llama3-style per-frequency RoPE divisors [rope_dim/2], optional
     bool tied_output = false;
 
-    ggml_backend_t backend_gpu = nullptr; // null: CPU only
     ggml_backend_t backend_cpu = nullptr;
+    // Offload devices in llama.cpp's order (every RPC server's devices, then local GPUs: devices.cpp)
+    // and the backends of those that hold a layer (null for the others).
+    std::vector<ggml_backend_dev_t> devices;
+    std::vector<ggml_backend_t> backends;
+    // Per layer, then the output head (n_layer + 1 entries): the index in `devices` of the device
+    // holding its weights, -1 for the CPU. The input embeddings always stay on the CPU.
+    std::vector<int> layer_dev;
+    // A local GPU holding layers (the first): its pinned host memory, the GPU mask template and the
+    // CUDA gather apply. Null when every layer is on the CPU or an RPC device.
+    ggml_backend_t backend_gpu = nullptr;
+    std::vector<std::string> rpc_endpoints;
+    RpcExecutor * executor = nullptr;     // runs every call when rpc_endpoints is set (owned by the C API handle)
     int n_threads = 1;
 
+    ggml_backend_t layer_backend(int il) const { return layer_dev[il] < 0 ? backend_cpu : backends[layer_dev[il]]; }
+    ggml_backend_t output_backend() const { return layer_backend(hp.n_layer); }
+    // The one backend every layer and the head run on, or null when they are split over several.
+    ggml_backend_t single_backend() const;
+
     ggml_context * ctx_cpu = nullptr;     // tensors placed in host memory
-    ggml_context * ctx_dev = nullptr;     // tensors placed on the compute device (== host when CPU only)
+    std::vector<ggml_context *> ctx_dev;  // per device: its tensors (null when it holds none)
     // Weights in the CPU's extra (repacked) buffer types, one context per type (weights.cpp).
     std::vector<std::pair<ggml_backend_buffer_type_t, ggml_context *>> ctx_extra;
     int n_extra_tensors = 0;
@@ -74,9 +92,31 @@ struct Model {
     ~Model();
 };
 
+// Where the layers go, with llama.cpp's meanings (llama_model_params): n_gpu_layers (< 0: all, the
+// output head counting as one more layer), split_mode, main_gpu, tensor_split proportions per device,
+// and RPC servers ("host:port") whose devices come first in the device list.
+enum SplitMode { SPLIT_NONE = 0, SPLIT_LAYER = 1, SPLIT_ROW = 2 };
+struct SplitParams {
+    int n_gpu_layers = 0;
+    int split_mode = SPLIT_LAYER;
+    int main_gpu = 0;
+    std::vector<float> tensor_split;
+    std::vector<std::string> rpc_servers;
+    int rpc_timeout_ms = 5000;   // to connect to a server and get its HELLO
+};
+
+// devices.cpp: the offload devices, and per layer + output head the device index (-1: CPU).
+std::vector<ggml_backend_dev_t> offload_devices(const SplitParams & p);
+std::vector<int> assign_layers(int n_layer, const std::vector<ggml_backend_dev_t> & devs, const SplitParams & p);
+
+// Places tensors created in a no_alloc context: each in one buffer (zeroed) of its backend's default
+// buffer type, one buffer per type. Throws Error naming `what` when memory runs out.
+std::vector<ggml_backend_buffer_t> alloc_on_backends(const std::vector<std::pair<ggml_tensor *, ggml_backend_t>> & tensors,
+                                                     const char * what);
+
 // Loads and validates a GGUF file; throws Error(PLZ_ERR_LOAD, "...") naming what is wrong.
 // use_extra_bufts: CPU weights in the extra buffer types llama.cpp would put them in (weights.cpp).
-Model * load_model(const std::string & path, int n_gpu_layers, int n_threads, bool use_extra_bufts = true);
+Model * load_model(const std::string & path, const SplitParams & split, int n_threads, bool use_extra_bufts = true);
 
 // weights.cpp: the CPU backend's extra buffer types; those weights may go to (none with a GPU device
 // present, AMX only with PYLAZY_AMX=1); the first of `extras` that runs op (MUL_MAT / GET_ROWS) on a

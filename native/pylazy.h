@@ -26,12 +26,25 @@ typedef struct plz_model   plz_model;
 typedef struct plz_context plz_context;
 
 typedef struct plz_model_params {
-    int32_t n_gpu_layers;   // 0: CPU only; any other value: every layer on the best GPU if one exists
+    // Layers on the offload devices (local GPUs, RPC servers' devices), as llama.cpp's n_gpu_layers:
+    // the last n_gpu_layers of the n_layer + 1 "layers" (the output head counts as one), < 0: all,
+    // 0: CPU only. The first layers stay on the CPU, the rest are split over the devices.
+    int32_t n_gpu_layers;
     int32_t n_threads;      // CPU threads (<= 0: all cores)
     // 1: weights of matrix products go to the CPU's "extra" buffer types where ggml offers one for them
     // (repacked, interleaved layouts for Q4_0 / IQ4_NL / Q4_K ... on AVX2 or NEON), as llama.cpp's
     // use_extra_bufts does; 0: plain CPU buffers. Only when the model runs on the CPU.
     int32_t use_extra_bufts;
+    // llama.cpp's split_mode (0 none: only device main_gpu, 1 layer, 2 row: split by layers too) and
+    // main_gpu; tensor_split: n_tensor_split proportions of the layers per device (null or all zero:
+    // by free memory). rpc_servers: "host:port,host:port" (null or ""), whose devices come first in
+    // the device list; rpc_timeout_ms (<= 0: 5000) bounds connecting to each and its HELLO.
+    int32_t split_mode;
+    int32_t main_gpu;
+    const float * tensor_split;
+    int32_t n_tensor_split;
+    const char * rpc_servers;
+    int32_t rpc_timeout_ms;
 } plz_model_params;
 
 typedef struct plz_model_info {
@@ -65,6 +78,27 @@ PLZ_API const char * pylazy_last_error(void);
 PLZ_API int32_t plz_cpu_extra_bufts(char * buf, int32_t size);
 
 PLZ_API int  plz_model_load(const char * path, const plz_model_params * params, plz_model ** out);
+// Name of the device holding layer il's weights (il == n_layer: the output head; -1: the input
+// embeddings, always "CPU"); returns the length written (truncated to size - 1), or < 0.
+PLZ_API int  plz_model_layer_device(const plz_model * model, int32_t il, char * buf, int32_t size);
+// The offload devices the model could use (llama.cpp's order), names comma-separated.
+PLZ_API int  plz_model_devices(const plz_model * model, char * buf, int32_t size);
+// 1 when an RPC connection of the model was lost: every call then fails, freeing leaks it.
+PLZ_API int  plz_model_lost(const plz_model * model);
+
+// ggml's RPC backend (native/rpc.h). 1 when this libggml has it (llama-cpp-python built with
+// CMAKE_ARGS="-DGGML_RPC=on"), and its protocol major version.
+PLZ_API int  plz_rpc_available(void);
+// This machine's devices, one line each: "name: description (total MiB, free MiB free)".
+PLZ_API int  plz_local_devices(char * buf, int32_t size);
+PLZ_API int  plz_rpc_proto_version(void);
+// Checks within timeout_ms that endpoint ("host:port") answers ggml-rpc's HELLO at this version.
+// 0 when it does, else PLZ_ERR_LOAD with the reason in pylazy_last_error().
+PLZ_API int  plz_rpc_probe(const char * endpoint, int32_t timeout_ms);
+// Serves the named local devices (comma-separated, "" : the GPUs, else the CPU) with ggml's RPC
+// server at endpoint; blocks while serving, returns an error when it could not start or stopped.
+// INSECURE by its authors' word: no authentication, and clients may read and write its memory.
+PLZ_API int  plz_rpc_serve(const char * endpoint, const char * devices, int32_t n_threads, const char * cache_dir);
 PLZ_API void plz_model_free(plz_model * model);
 PLZ_API int  plz_model_get_info(const plz_model * model, plz_model_info * info);
 // flags[il] = 1 where layer il is a sliding-window layer (n_layer entries).

@@ -9,9 +9,9 @@
 namespace plz {
 
 void RecycleState::free_buffers() {
-    if (buf) ggml_backend_buffer_free(buf);
+    for (auto * b : bufs) ggml_backend_buffer_free(b);
     if (ctx) ggml_free(ctx);
-    buf = nullptr;
+    bufs.clear();
     ctx = nullptr;
     rk.clear(); rv.clear(); rq.clear(); ridx.clear(); rk_bits.clear(); rv_bits.clear();
 }
@@ -43,13 +43,15 @@ void configure_recycle(Context & c, int mode, int k, int tail_cap, int sinks, in
         r.rq.push_back(ggml_new_tensor_1d(r.ctx, GGML_TYPE_F32, (int64_t) D * hp.n_head));
         r.ridx.push_back(ggml_new_tensor_2d(r.ctx, GGML_TYPE_I32, k, Hkv));
     }
-    ggml_backend_t be = c.model->backend_gpu ? c.model->backend_gpu : c.model->backend_cpu;
-    r.buf = ggml_backend_alloc_ctx_tensors_from_buft(r.ctx, ggml_backend_get_default_buffer_type(be));
-    if (!r.buf) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the recycled cache");
-    ggml_backend_buffer_clear(r.buf, 0);
+    // Each layer's recycled cache on its layer's device (zeroed).
+    std::vector<std::pair<ggml_tensor *, ggml_backend_t>> place;
     for (int il = 0; il < L; ++il) {
-        r.rk_bits.push_back(bits_alias(r.ctx, r.buf, r.rk[il], D));
-        r.rv_bits.push_back(c.kv.v_trans ? nullptr : bits_alias(r.ctx, r.buf, r.rv[il], D));
+        for (ggml_tensor * t : {r.rk[il], r.rv[il], r.rq[il], r.ridx[il]}) place.push_back({t, c.model->layer_backend(il)});
+    }
+    r.bufs = alloc_on_backends(place, "the recycled cache");
+    for (int il = 0; il < L; ++il) {
+        r.rk_bits.push_back(bits_alias(r.ctx, r.rk[il], D));
+        r.rv_bits.push_back(c.kv.v_trans ? nullptr : bits_alias(r.ctx, r.rv[il], D));
     }
 }
 
@@ -125,7 +127,7 @@ static void gather_rows(ggml_context * ctx0, ggml_cgraph * gf, Context & c, bool
         if (whole) {
             // get_rows' result has the recycled cache's shape: it is placed on that memory (the allocator
             // leaves a tensor that has memory alone), so the rows land there with no copy.
-            if (ggml_backend_tensor_alloc(c.rec.buf, rows, dst->data) != GGML_STATUS_SUCCESS) {
+            if (ggml_backend_tensor_alloc(dst->buffer, rows, dst->data) != GGML_STATUS_SUCCESS) {
                 throw Error(PLZ_ERR_RUNTIME, "cannot place the refresh gather in the recycled cache");
             }
             ggml_build_forward_expand(gf, rows);

@@ -35,7 +35,7 @@ struct RecycleState {
     std::vector<char> stage_all; // per stage: the refresh kept every visible token there, so recycled
                                  // steps attend as full attention would (K >= context is exact)
     ggml_context * ctx = nullptr;
-    ggml_backend_buffer_t buf = nullptr;
+    std::vector<ggml_backend_buffer_t> bufs;   // one per device: each layer's tensors on its layer's device
     std::vector<ggml_tensor *> rk, rv;  // per layer [D, R, Hkv] (V: [R, D, Hkv] when transposed)
     std::vector<ggml_tensor *> rk_bits, rv_bits;  // the same memory as I32 [head row bytes / 4, R, Hkv], or null
     std::vector<ggml_tensor *> rq;     // per layer [D * H] F32: the query of the last refresh

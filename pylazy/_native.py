@@ -25,7 +25,10 @@ PLZ_RECYCLE_WINDOW = 2
 
 
 class ModelParams(ctypes.Structure):
-    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("use_extra_bufts", ctypes.c_int32)]
+    _fields_ = [("n_gpu_layers", ctypes.c_int32), ("n_threads", ctypes.c_int32), ("use_extra_bufts", ctypes.c_int32),
+                ("split_mode", ctypes.c_int32), ("main_gpu", ctypes.c_int32),
+                ("tensor_split", ctypes.POINTER(ctypes.c_float)), ("n_tensor_split", ctypes.c_int32),
+                ("rpc_servers", ctypes.c_char_p), ("rpc_timeout_ms", ctypes.c_int32)]
 
 
 class ModelInfo(ctypes.Structure):
@@ -87,6 +90,14 @@ _sigs = {
     "plz_cpu_extra_bufts": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_int32]),
     "plz_model_load": (ctypes.c_int, [ctypes.c_char_p, ctypes.POINTER(ModelParams), ctypes.POINTER(_p)]),
     "plz_model_free": (None, [_p]),
+    "plz_model_layer_device": (ctypes.c_int, [_p, ctypes.c_int32, ctypes.c_char_p, ctypes.c_int32]),
+    "plz_model_devices": (ctypes.c_int, [_p, ctypes.c_char_p, ctypes.c_int32]),
+    "plz_model_lost": (ctypes.c_int, [_p]),
+    "plz_rpc_available": (ctypes.c_int, []),
+    "plz_local_devices": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int32]),
+    "plz_rpc_proto_version": (ctypes.c_int, []),
+    "plz_rpc_probe": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int32]),
+    "plz_rpc_serve": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32, ctypes.c_char_p]),
     "plz_model_get_info": (ctypes.c_int, [_p, ctypes.POINTER(ModelInfo)]),
     "plz_context_new": (ctypes.c_int, [_p, ctypes.POINTER(ContextParams), ctypes.POINTER(_p)]),
     "plz_context_free": (None, [_p]),

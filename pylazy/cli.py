@@ -24,6 +24,7 @@ from .cli_args import UsageError
 from .errors import ModelLoadError
 
 COMMAND_MODULES = ("pylazy.commands.run", "pylazy.commands.chat", "pylazy.commands.info",
+                   "pylazy.commands.rpc_server",
                    "pylazy.bench", "pylazy.eval.cli", "pylazy.server.cli", "pylazy.tune")
 
 

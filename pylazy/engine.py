@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _native as N
 from .arch import supported_archs
-from .errors import ContextOverflowError, ModelLoadError, PylazyError
+from .errors import ContextOverflowError, ModelLoadError, PylazyError, RpcConnectionError
 from .gguf_check import check_gguf
 from .policy import StepKind
 
@@ -82,10 +82,14 @@ def extra_bufts_default() -> bool:
     return os.environ.get("PYLAZY_EXTRA_BUFTS", "1") != "0"
 
 
-def _raise_for(code: int, what: str) -> None:
+def _raise_for(code: int, what: str, model_handle=None) -> None:
     if code == N.PLZ_OK:
         return
     msg = f"{what}: {N.last_error()}"
+    if model_handle is not None and N.lib.plz_model_lost(model_handle):
+        raise RpcConnectionError(msg)
+    if code == N.PLZ_ERR_LOAD and "RPC server" in msg:
+        raise RpcConnectionError(msg)
     if code == N.PLZ_ERR_LOAD:
         raise ModelLoadError(msg)
     if code == N.PLZ_ERR_ARG:
@@ -158,13 +162,18 @@ class _Owned:
 
 
 class Model(_Owned):
-    """Weights of one GGUF file on the best backend (all layers on the GPU when there is one).
+    """Weights of one GGUF file, its layers placed as llama.cpp places them (all on the offload
+    devices by default: n_gpu_layers=-1).
 
+    n_gpu_layers, split_mode, main_gpu, tensor_split: llama.cpp's meanings (pylazy.devices);
+    rpc_servers: "host:port" list (or comma string) of `pylazy rpc-server`s whose devices come
+    first in the device list; rpc_timeout: seconds to connect to each.
     use_extra_bufts: on the CPU, weights go to the extra (repacked) buffer types llama.cpp puts them
     in (None: yes unless PYLAZY_EXTRA_BUFTS=0)."""
 
     def __init__(self, path: str, *, n_gpu_layers: int = -1, n_threads: Optional[int] = None,
-                 use_extra_bufts: Optional[bool] = None):
+                 use_extra_bufts: Optional[bool] = None, split_mode: int = 1, main_gpu: int = 0,
+                 tensor_split: Optional[Sequence[float]] = None, rpc_servers=None, rpc_timeout: float = 5.0):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file not found: {path!r}")
@@ -175,7 +184,14 @@ class Model(_Owned):
         self.gguf = check_gguf(path, supported_archs=SUPPORTED_ARCHS)
         if use_extra_bufts is None:
             use_extra_bufts = extra_bufts_default()
-        params = N.ModelParams(int(n_gpu_layers), int(n_threads or default_threads()), int(bool(use_extra_bufts)))
+        from .devices import check_split, rpc_server_list
+        servers = rpc_server_list(rpc_servers)
+        split = check_split(split_mode, main_gpu, tensor_split)
+        self.rpc_servers = servers
+        splits = (ctypes.c_float * len(split))(*split)
+        params = N.ModelParams(int(n_gpu_layers), int(n_threads or default_threads()), int(bool(use_extra_bufts)),
+                               int(split_mode), int(main_gpu), splits, len(split),
+                               ",".join(servers).encode() if servers else None, max(1, int(rpc_timeout * 1000)))
         _raise_for(N.lib.plz_model_load(path.encode(), ctypes.byref(params), ctypes.byref(self._h)),
                    f"cannot load {path!r}")
         raw = N.ModelInfo()
@@ -191,6 +207,26 @@ class Model(_Owned):
         if self._h is None or not self._h:
             raise PylazyError("model is closed")
         return self._h
+
+    def layer_devices(self) -> List[str]:
+        """The backend holding each layer's weights, then the output head's (n_layer + 1 names)."""
+        buf = ctypes.create_string_buffer(256)
+        out = []
+        for il in range(self.info.n_layer + 1):
+            _raise_for(min(0, N.lib.plz_model_layer_device(self.handle, il, buf, len(buf))), "layer_device")
+            out.append(buf.value.decode())
+        return out
+
+    def devices(self) -> List[str]:
+        """The offload devices the layers were split over (llama.cpp's order: RPC servers', then GPUs)."""
+        buf = ctypes.create_string_buffer(4096)
+        N.lib.plz_model_devices(self.handle, buf, len(buf))
+        return [d for d in buf.value.decode().split(",") if d]
+
+    @property
+    def lost(self) -> bool:
+        """True once an RPC connection of this model was lost (it cannot run any more)."""
+        return bool(self._h) and bool(N.lib.plz_model_lost(self._h))
 
     def close(self) -> None:
         if getattr(self, "_h", None):
@@ -256,7 +292,7 @@ class Context(_Owned):
         out = np.empty((toks.size if all_logits else 1, self.n_vocab), dtype=np.float32)
         code = N.lib.plz_eval(self.handle, toks32.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), toks32.size,
                               int(bool(all_logits)), out.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
-        _raise_for(code, "eval")
+        _raise_for(code, "eval", self.model._h)
         return out
 
     def reset(self) -> None:
@@ -302,7 +338,7 @@ class Context(_Owned):
         ran = ctypes.c_int32()
         code = N.lib.plz_decode(self.handle, int(token), _STEP_CODES[StepKind(kind)],
                                 _f32p(logits), _f32p(sims) if sims is not None else None, ctypes.byref(ran))
-        _raise_for(code, "decode")
+        _raise_for(code, "decode", self.model._h)
         return logits, ran.value == N.PLZ_STEP_RECYCLED, sims
 
     def recycle_stats(self) -> dict:

@@ -14,3 +14,10 @@ class ModelLoadError(ValueError):
 
 class ContextOverflowError(ValueError):
     """A prompt (or prompt + generation) does not fit in the context window."""
+
+
+class RpcConnectionError(PylazyError):
+    """An RPC server (``rpc_servers=``) cannot be reached, or its connection was lost mid-call.
+
+    After a lost connection the model that used it cannot run any more (``Llama`` closes itself);
+    load it again once the server is back."""
