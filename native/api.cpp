@@ -108,6 +108,7 @@ int plz_model_load(const char * path, const plz_model_params * params, plz_model
             h->executor->run(load);
             h->m->rpc_endpoints = sp.rpc_servers;
             h->m->executor = h->executor.get();
+            plz::rpc_acquire(sp.rpc_servers, 1);
         }
         *out = h.release();
     });
@@ -117,7 +118,9 @@ void plz_model_free(plz_model * model) {
     if (!model) return;
     if (model->executor && !model->executor->lost()) {
         try {
+            const std::vector<std::string> endpoints = model->m->rpc_endpoints;
             model->executor->run([&] { delete model->m; });
+            plz::rpc_acquire(endpoints, -1);
         } catch (...) {
             // lost meanwhile: what is left of the model stays allocated (see below)
         }

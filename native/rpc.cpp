@@ -21,6 +21,7 @@ extern "C" void ggml_print_backtrace(void);   // libggml-base exports it; no pub
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <map>
 #include <set>
 
 namespace plz {
@@ -138,6 +139,7 @@ void on_ggml_abort(const char * msg) {
 }  // namespace
 
 bool rpc_available() { return rpc_reg() != nullptr; }
+int rpc_users(const std::string & endpoint);
 int rpc_proto_version() { return RPC_PROTO_MAJOR_VERSION; }
 
 std::vector<std::string> parse_rpc_servers(const std::string & list) {
@@ -193,7 +195,9 @@ std::vector<ggml_backend_dev_t> rpc_server_devices(const std::string & endpoint,
         throw Error(PLZ_ERR_LOAD, "this llama-cpp-python has no RPC backend: reinstall it with CMAKE_ARGS=\"-DGGML_RPC=on\" "
                                   "pip install --no-cache-dir --force-reinstall llama-cpp-python==0.3.36");
     }
-    const std::string why = rpc_probe(endpoint, timeout_ms);
+    // With a live connection (a model of this process uses the server) ggml-rpc reuses it; a probe
+    // would wait behind it (a server serves one client at a time).
+    const std::string why = rpc_users(endpoint) > 0 ? "" : rpc_probe(endpoint, timeout_ms);
     if (!why.empty()) throw Error(PLZ_ERR_LOAD, "RPC server " + endpoint + ": " + why);
     rpc_install_abort_handler();
     ggml_backend_reg_t reg = add_server(endpoint.c_str());
@@ -298,6 +302,18 @@ static bool tcp_reachable(const std::string & endpoint, int timeout_ms) {
 }
 
 static std::set<std::string> g_lost_endpoints;   // under g_mu
+static std::map<std::string, int> g_users;        // under g_mu: models holding a connection to the endpoint
+
+void rpc_acquire(const std::vector<std::string> & endpoints, int delta) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    for (const std::string & e : endpoints) g_users[e] += delta;
+}
+
+int rpc_users(const std::string & endpoint) {
+    std::lock_guard<std::mutex> lock(g_mu);
+    auto it = g_users.find(endpoint);
+    return it == g_users.end() ? 0 : it->second;
+}
 
 void RpcExecutor::run(const std::function<void()> & job) {
     if (lost_) throw Error(PLZ_ERR_RUNTIME, reason_);
@@ -324,7 +340,9 @@ void RpcExecutor::run(const std::function<void()> & job) {
         for (const std::string & e : endpoints_) if (dead.empty() && !tcp_reachable(e, 1000)) dead = e;
         lock.lock();
         if (dead.empty() && !endpoints_.empty()) continue;
-        for (const std::string & e : endpoints_) g_lost_endpoints.insert(e);
+        // The dead server's dispatcher is gone for good; the others' stay usable by other models.
+        if (dead.empty()) g_lost_endpoints.insert(endpoints_.begin(), endpoints_.end());
+        else g_lost_endpoints.insert(dead);
         lost_ = true;
         reason_ = "lost the connection to RPC server " + (dead.empty() ? std::string("?") : dead) + " (" + msg +
                   "); this model cannot be used any more: load it again once the server is back";

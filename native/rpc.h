@@ -54,6 +54,11 @@ std::string rpc_serve(const std::string & endpoint, const std::vector<std::strin
 // per process, and that one is dead for good.
 bool rpc_endpoint_lost(const std::string & endpoint);
 
+// Models of this process using each endpoint (+1 when one loads, -1 when one is freed; a lost model
+// keeps its count: its connections stay open). While > 0, loading another skips the HELLO probe.
+void rpc_acquire(const std::vector<std::string> & endpoints, int delta);
+int rpc_users(const std::string & endpoint);
+
 // Installs the abort callback described above (idempotent; chains to a callback set before).
 void rpc_install_abort_handler();
 

@@ -56,13 +56,13 @@ LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
 # llama_cpp.Llama keywords accepted for drop-in use that change nothing here: placement,
 # threading and memory mapping are the engine's choice, and it can always return logprobs.
 _IGNORED_KWARGS = frozenset({
-    "split_mode", "main_gpu", "use_mmap", "use_mlock", "n_threads_batch", "offload_kqv",
+    "use_mmap", "use_mlock", "n_threads_batch", "offload_kqv",
     "op_offload", "swa_full", "no_perf", "numa", "logits_all",
 })
 # Keywords accepted only at their llama-cpp-python default: other values ask for features
 # the engine does not have, and silently ignoring them would change results.
 _DEFAULT_ONLY_KWARGS: Dict[str, Any] = {
-    "vocab_only": False, "embedding": False, "kv_overrides": None, "tensor_split": None,
+    "vocab_only": False, "embedding": False, "kv_overrides": None,
     "rope_scaling_type": -1, "pooling_type": -1, "attention_type": -1,
     "rope_freq_base": 0.0, "rope_freq_scale": 0.0, "yarn_ext_factor": -1.0,
     "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0,
@@ -128,7 +128,12 @@ class Llama:
     As llama-cpp-python: ``flash_attn`` (default False: llama.cpp's mul_mat + softmax attention;
     True: flash attention), ``type_k`` / ``type_v`` (KV cache types as ggml type ids, e.g.
     ``llama_cpp.GGML_TYPE_Q8_0``, or names such as "q8_0"; None: F16; a quantized V needs
-    flash_attn=True). pylazy's own: ``use_extra_bufts`` (CPU weights in llama.cpp's repacked
+    flash_attn=True), ``n_gpu_layers`` / ``split_mode`` / ``main_gpu`` / ``tensor_split`` (which
+    device holds each layer, as llama.cpp places them: pylazy.devices) and ``rpc_servers``
+    ("host:port" list or comma string of `pylazy rpc-server`s, whose devices come first in the
+    device list; llama-cpp-python once took it; $PYLAZY_RPC_TIMEOUT seconds to connect, default 5).
+    A server lost mid-call raises RpcConnectionError; every later call raises it too (close()
+    still works). pylazy's own: ``use_extra_bufts`` (CPU weights in llama.cpp's repacked
     buffer types, as llama.cpp; None: yes unless PYLAZY_EXTRA_BUFTS=0).
     """
 
@@ -139,6 +144,8 @@ class Llama:
                  chat_handler: Optional[Callable[..., Any]] = None, verbose: bool = True,
                  flash_attn: bool = False, type_k: Optional[Union[int, str]] = None,
                  type_v: Optional[Union[int, str]] = None, use_extra_bufts: Optional[bool] = None,
+                 split_mode: int = 1, main_gpu: int = 0, tensor_split: Optional[List[float]] = None,
+                 rpc_servers: Optional[Union[str, List[str]]] = None,
                  lazy: Any = ..., recycle: Any = ..., **kwargs: Any):
         for name, value in kwargs.items():
             if name in _IGNORED_KWARGS:
@@ -155,6 +162,10 @@ class Llama:
         if n_threads is not None:
             check_int("n_threads", n_threads, 1)
         kv_types = _check_kv_types(flash_attn, type_k, type_v)
+        from .devices import check_split, rpc_server_list, rpc_timeout_default
+        n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, -2 ** 31)   # < 0: all, as llama.cpp
+        check_split(split_mode, main_gpu, tensor_split)
+        rpc_servers = rpc_server_list(rpc_servers)
         self.verbose = bool(verbose)
         self.model_path = resolve_model_path(model_path)
         # unset (...): the file's `pylazy tune` profile if there is one, else full attention
@@ -175,7 +186,8 @@ class Llama:
         from llama_cpp._logger import set_verbose
         set_verbose(self.verbose)
         self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                            use_extra_bufts=use_extra_bufts)
+                            use_extra_bufts=use_extra_bufts, split_mode=split_mode, main_gpu=main_gpu,
+                            tensor_split=tensor_split, rpc_servers=rpc_servers, rpc_timeout=rpc_timeout_default())
         # The tokenizer and chat templates: llama.cpp's, from a weightless load of the file.
         # Quiet unless verbose: its context warns "n_ctx_seq > n_ctx_train (0)" on stderr.
         with suppress_stdout_stderr(disable=self.verbose):
