@@ -1,5 +1,5 @@
 """pylazy: long-context GGUF inference with lazy prefill and recycled attention."""
-from .errors import ContextOverflowError, ModelLoadError, PylazyError
+from .errors import ContextOverflowError, ModelLoadError, PylazyError, RpcConnectionError
 from .models import default_model_path
 from .policy import LazyPrefill, Recycle, StreamingWindow
 
@@ -15,4 +15,4 @@ def __getattr__(name):
 
 
 __all__ = ["Llama", "LazyPrefill", "Recycle", "StreamingWindow", "default_model_path",
-           "ModelLoadError", "ContextOverflowError", "PylazyError", "__version__"]
+           "ModelLoadError", "ContextOverflowError", "PylazyError", "RpcConnectionError", "__version__"]

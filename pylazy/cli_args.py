@@ -36,6 +36,34 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flash-attn", action="store_true", help="flash attention (default off, as llama-cpp-python)")
     p.add_argument("--type-k", default=None, help="KV cache K type: f16 (default), q8_0, q4_0, ...")
     p.add_argument("--type-v", default=None, help="KV cache V type (a quantized V needs --flash-attn)")
+    add_device_arguments(p)
+
+
+def add_device_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the layers go, as llama.cpp's flags (pylazy.devices)."""
+    p.add_argument("-ngl", "--n-gpu-layers", dest="n_gpu_layers", type=int, default=0,
+                   help="layers on the offload devices (GPUs, RPC servers; the head counts as one; -1: all; default 0)")
+    p.add_argument("-ts", "--tensor-split", default=None, metavar="P0,P1,...",
+                   help="proportions of the offloaded layers per device, e.g. 1,1 (default: by free memory)")
+    p.add_argument("-mg", "--main-gpu", type=int, default=0, help="with --split-mode none: the one device used")
+    p.add_argument("-sm", "--split-mode", choices=["none", "layer", "row"], default="layer",
+                   help="none: one device (--main-gpu); layer (default); row: by layers too, as llama.cpp off CUDA")
+    p.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                   help="`pylazy rpc-server`s whose devices take layers (they come first in the device list)")
+
+
+def device_kwargs(args: argparse.Namespace) -> dict:
+    """Llama(...) keywords from add_device_arguments' flags."""
+    split = None
+    if getattr(args, "tensor_split", None):
+        try:
+            split = [float(x) for x in args.tensor_split.split(",")]
+        except ValueError:
+            raise UsageError(f"--tensor-split must be comma-separated numbers, got {args.tensor_split!r}") from None
+    return {"n_gpu_layers": getattr(args, "n_gpu_layers", 0), "tensor_split": split,
+            "main_gpu": getattr(args, "main_gpu", 0),
+            "split_mode": {"none": 0, "layer": 1, "row": 2}[getattr(args, "split_mode", "layer")],
+            "rpc_servers": getattr(args, "rpc", None)}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -147,9 +175,9 @@ def open_llama(args: argparse.Namespace):
         llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False,
                     lazy=unset if lazy is None else None, recycle=unset if recycle is None else recycle,
                     flash_attn=getattr(args, "flash_attn", False), type_k=getattr(args, "type_k", None),
-                    type_v=getattr(args, "type_v", None))
+                    type_v=getattr(args, "type_v", None), **device_kwargs(args))
     except (TypeError, ValueError) as exc:
-        if "type_" not in str(exc) and "flash_attn" not in str(exc):
+        if not any(k in str(exc) for k in ("type_", "flash_attn", "tensor_split", "split_mode", "host:port", "rpc_servers")):
             raise
         raise UsageError(str(exc)) from None
     if llm.profile:

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ..cli_args import UsageError, add_command, add_policy_arguments, policies_from_args
+from ..cli_args import UsageError, add_command, add_device_arguments, add_policy_arguments, device_kwargs, policies_from_args
 
 
 def register(subparsers) -> None:
@@ -34,6 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alias", default=None, help="model id in /v1/models and responses (default: the file name)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
+    add_device_arguments(p)
     add_policy_arguments(p)
 
 
@@ -48,12 +49,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
 
 
-def open_slots(path: str, n: int, n_ctx: int, n_threads, lazy, recycle) -> list:
-    """n independent Llama contexts of one model (each loads its own copy of the weights)."""
+def open_slots(path: str, n: int, n_ctx: int, n_threads, lazy, recycle, devices=None) -> list:
+    """n independent Llama contexts of one model (each loads its own copy of the weights);
+    devices: device_kwargs (layer placement, RPC servers)."""
     from ..llama import Llama
     if n_threads is None:
         n_threads = max(1, (os.cpu_count() or 2) // 2 // n)
-    return [Llama(path, n_ctx=n_ctx, n_threads=n_threads, verbose=False, lazy=lazy, recycle=recycle)
+    return [Llama(path, n_ctx=n_ctx, n_threads=n_threads, verbose=False, lazy=lazy, recycle=recycle, **(devices or {}))
             for _ in range(n)]
 
 
@@ -69,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
     lazy, recycle = policies_from_args(args)
     path = resolve_model_path(args.model)   # ModelLoadError (exit 2) before loading anything
     try:
-        llamas = open_slots(path, args.parallel, args.ctx, args.threads, lazy, recycle)
+        llamas = open_slots(path, args.parallel, args.ctx, args.threads, lazy, recycle, device_kwargs(args))
     except ValueError as exc:   # e.g. a pruning layer the model does not have
         raise UsageError(str(exc)) from None
     name = args.alias or os.path.basename(path)
