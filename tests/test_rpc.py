@@ -219,6 +219,25 @@ def test_unreachable_server_fails_at_load_within_timeout(tiny_model_path):
         assert time.monotonic() - t0 < 10
 
 
+def test_ggml_rpc_abort_becomes_an_exception(tiny_model_path):
+    """Without pylazy's probe, ggml-rpc's own connect fails with GGML_ABORT: the abort handler turns
+    it into an exception thrown through ggml's frames (C ones included), twice (no lock left held),
+    and the process lives on. In a subprocess: if unwinding failed, the process would abort."""
+    _rpc_or_skip()
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "from pylazy.engine import Model\n"
+            "from pylazy.errors import RpcConnectionError\n"
+            "for _ in range(2):\n"
+            "    try:\n"
+            "        Model(%r, n_gpu_layers=-1, rpc_servers=['127.0.0.1:%d'])\n"
+            "    except RpcConnectionError as e:\n"
+            "        assert 'Failed to connect to 127.0.0.1' in str(e), e\n"
+            "print('alive')\n") % (str(REPO), str(tiny_model_path), free_port())
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYLAZY_RPC_PROBE="0"),
+                       capture_output=True, text=True, timeout=TIMEOUT)
+    assert r.returncode == 0 and r.stdout.strip() == "alive", r.stderr[-2000:]
+
+
 def test_rpc_server_arguments_checked(tiny_model_path):
     _rpc_or_skip()
     import pylazy
