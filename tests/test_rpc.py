@@ -102,6 +102,25 @@ def test_layers_split_cpu_server1_server2(tiny_model_path, servers):
         assert m.layer_devices() == ["CPU"] * 5
 
 
+@pytest.mark.parametrize("kw, expect", [
+    # n_gpu_layers of the 5 "layers" (4 + head) from the end; [3, 1]: layer boundaries at 3/4
+    (dict(n_gpu_layers=2, tensor_split=[1, 1]), ["CPU", "CPU", "CPU", 0, 1]),
+    (dict(n_gpu_layers=-1, tensor_split=[3, 1]), [0, 0, 0, 0, 1]),
+    (dict(n_gpu_layers=99, tensor_split=[0, 1]), [1, 1, 1, 1, 1]),
+    (dict(n_gpu_layers=5, tensor_split=[1, 1, 7]), [0, 0, 0, 1, 1]),   # proportions past the devices: ignored
+    (dict(n_gpu_layers=-1, split_mode=0, main_gpu=1), [1, 1, 1, 1, 1]),  # none: device main_gpu only
+    (dict(n_gpu_layers=-1, split_mode=0, main_gpu=-1), ["CPU"] * 5),
+    (dict(n_gpu_layers=3, split_mode=2, tensor_split=[1, 2]), ["CPU", "CPU", 0, 1, 1]),   # row: by layers here
+])
+def test_placement_follows_llama_cpp(tiny_model_path, servers, kw, expect):
+    from pylazy.engine import Model
+    with Model(tiny_model_path, n_threads=1, rpc_servers=servers, **kw) as m:
+        names = [f"RPC0[{e}]" for e in servers]
+        assert m.layer_devices() == [names[d] if isinstance(d, int) else d for d in expect]
+    with pytest.raises(ValueError, match="main_gpu = 2 but there are only 2 devices"):
+        Model(tiny_model_path, n_gpu_layers=-1, split_mode=0, main_gpu=2, rpc_servers=servers)
+
+
 def _run(ctx, prompt, steps, kinds):
     rows = [ctx.eval(prompt, all_logits=not ctx.lazy_schedule)]
     # after a lazy prefill the later stages hold fewer tokens: the pruned path runs on the split
