@@ -109,6 +109,7 @@ int plz_model_load(const char * path, const plz_model_params * params, plz_model
             h->m->rpc_endpoints = sp.rpc_servers;
             h->m->executor = h->executor.get();
             plz::rpc_acquire(sp.rpc_servers, 1);
+            plz::rpc_keepalive(sp.rpc_servers);
         }
         *out = h.release();
     });

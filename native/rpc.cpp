@@ -8,6 +8,7 @@
 extern "C" void ggml_print_backtrace(void);   // libggml-base exports it; no public header declares it
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -213,6 +214,42 @@ std::vector<ggml_backend_dev_t> rpc_server_devices(const std::string & endpoint,
     std::vector<ggml_backend_dev_t> devs;
     for (size_t i = 0; i < ggml_backend_reg_dev_count(reg); ++i) devs.push_back(ggml_backend_reg_dev_get(reg, i));
     return devs;
+}
+
+void rpc_keepalive(const std::vector<std::string> & endpoints) {
+    // ggml-rpc's sockets are this process's: find them by their peer address.
+    std::vector<sockaddr_in> peers;
+    for (const std::string & e : endpoints) {
+        std::string host;
+        int port = 0;
+        addrinfo hints = {}, * res = nullptr;
+        hints.ai_family = AF_INET;
+        hints.ai_socktype = SOCK_STREAM;
+        if (!split_endpoint(e, host, port) || ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0) continue;
+        peers.push_back(*(const sockaddr_in *) res->ai_addr);
+        ::freeaddrinfo(res);
+    }
+    DIR * dir = ::opendir("/proc/self/fd");
+    if (!dir) return;
+    while (dirent * ent = ::readdir(dir)) {
+        const int fd = std::atoi(ent->d_name);
+        sockaddr_in peer = {};
+        socklen_t len = sizeof(peer);
+        if (fd <= 2 || ::getpeername(fd, (sockaddr *) &peer, &len) != 0 || peer.sin_family != AF_INET) continue;
+        bool ours = false;
+        for (const auto & p : peers) ours |= p.sin_addr.s_addr == peer.sin_addr.s_addr && p.sin_port == peer.sin_port;
+        if (!ours) continue;
+        // A host that vanishes sends no reset: keepalive probes (after 10 s idle, every 5 s, 3 lost)
+        // and a 30 s limit on unacknowledged data turn that into a failed recv/send, then an error.
+        const int on = 1, idle = 10, intvl = 5, cnt = 3;
+        const unsigned user_timeout_ms = 30000;
+        ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+        ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+        ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+        ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+        ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout_ms, sizeof(user_timeout_ms));
+    }
+    ::closedir(dir);
 }
 
 bool is_rpc_device(ggml_backend_dev_t dev) {

@@ -45,6 +45,11 @@ std::vector<ggml_backend_dev_t> rpc_server_devices(const std::string & endpoint,
 
 bool is_rpc_device(ggml_backend_dev_t dev);
 
+// TCP keepalive and a user timeout on this process's connections to endpoints (ggml-rpc sets
+// neither): a server host that disappears without closing the connection then fails the call in
+// about 30 s instead of blocking it forever. A server that is alive but stalled is not detected.
+void rpc_keepalive(const std::vector<std::string> & endpoints);
+
 // ggml's RPC server for the named local devices ("" : the GPUs, else the CPU, as ggml's
 // rpc-server); blocks while it serves. Returns a message when it could not start.
 std::string rpc_serve(const std::string & endpoint, const std::vector<std::string> & devices, int n_threads,

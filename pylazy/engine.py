@@ -88,7 +88,7 @@ def _raise_for(code: int, what: str, model_handle=None) -> None:
     msg = f"{what}: {N.last_error()}"
     if model_handle is not None and N.lib.plz_model_lost(model_handle):
         raise RpcConnectionError(msg)
-    if (code == N.PLZ_ERR_LOAD and "RPC server" in msg) or "RPC backend: " in msg:
+    if "RPC server" in msg or "RPC backend: " in msg:   # native/rpc.cpp's messages
         raise RpcConnectionError(msg)
     if code == N.PLZ_ERR_LOAD:
         raise ModelLoadError(msg)

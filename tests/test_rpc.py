@@ -10,6 +10,7 @@ Needs llama-cpp-python built with CMAKE_ARGS="-DGGML_RPC=on": skipped without it
 PYLAZY_REQUIRE_RPC=1 (CI, .ci/run) makes that a failure.
 """
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -96,6 +97,11 @@ def test_layers_split_cpu_server1_server2(tiny_model_path, servers):
         assert m.layer_devices() == ["CPU", s1, s1, s2, s2]
         assert [d.split("(")[1].rstrip(")") for d in m.devices()] == servers
         assert m.info.backend == f"CPU,{s1},{s2}" and m.info.on_gpu
+        if shutil.which("ss"):   # ggml-rpc's connections got keepalive probes (a vanished host fails, not hangs)
+            for e in servers:
+                out = subprocess.run(["ss", "-tio", "state", "established", f"( dport = :{e.split(':')[1]} )"],
+                                     capture_output=True, text=True).stdout
+                assert "keepalive" in out, out
     # n_gpu_layers=0: nothing offloaded, no connection needed (the servers are not even asked)
     from pylazy.engine import Model
     with Model(tiny_model_path, n_gpu_layers=0, n_threads=1, rpc_servers=["127.0.0.1:1"]) as m:
