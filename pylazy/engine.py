@@ -167,13 +167,13 @@ class Model(_Owned):
 
     n_gpu_layers, split_mode, main_gpu, tensor_split: llama.cpp's meanings (pylazy.devices);
     rpc_servers: "host:port" list (or comma string) of `pylazy rpc-server`s whose devices come
-    first in the device list; rpc_timeout: seconds to connect to each.
+    first in the device list; rpc_timeout: seconds to connect to each (None: $PYLAZY_RPC_TIMEOUT or 5).
     use_extra_bufts: on the CPU, weights go to the extra (repacked) buffer types llama.cpp puts them
     in (None: yes unless PYLAZY_EXTRA_BUFTS=0)."""
 
     def __init__(self, path: str, *, n_gpu_layers: int = -1, n_threads: Optional[int] = None,
                  use_extra_bufts: Optional[bool] = None, split_mode: int = 1, main_gpu: int = 0,
-                 tensor_split: Optional[Sequence[float]] = None, rpc_servers=None, rpc_timeout: float = 5.0):
+                 tensor_split: Optional[Sequence[float]] = None, rpc_servers=None, rpc_timeout: Optional[float] = None):
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise ModelLoadError(f"model file not found: {path!r}")
@@ -184,8 +184,9 @@ class Model(_Owned):
         self.gguf = check_gguf(path, supported_archs=SUPPORTED_ARCHS)
         if use_extra_bufts is None:
             use_extra_bufts = extra_bufts_default()
-        from .devices import check_split, rpc_server_list
+        from .devices import check_split, rpc_server_list, rpc_timeout_default
         servers = rpc_server_list(rpc_servers)
+        rpc_timeout = rpc_timeout_default() if rpc_timeout is None else float(rpc_timeout)
         split = check_split(split_mode, main_gpu, tensor_split)
         self.rpc_servers = servers
         splits = (ctypes.c_float * len(split))(*split)

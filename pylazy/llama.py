@@ -128,12 +128,9 @@ class Llama:
     As llama-cpp-python: ``flash_attn`` (default False: llama.cpp's mul_mat + softmax attention;
     True: flash attention), ``type_k`` / ``type_v`` (KV cache types as ggml type ids, e.g.
     ``llama_cpp.GGML_TYPE_Q8_0``, or names such as "q8_0"; None: F16; a quantized V needs
-    flash_attn=True), ``n_gpu_layers`` / ``split_mode`` / ``main_gpu`` / ``tensor_split`` (which
-    device holds each layer, as llama.cpp places them: pylazy.devices) and ``rpc_servers``
-    ("host:port" list or comma string of `pylazy rpc-server`s, whose devices come first in the
-    device list; llama-cpp-python once took it; $PYLAZY_RPC_TIMEOUT seconds to connect, default 5).
-    A server lost mid-call raises RpcConnectionError; every later call raises it too (close()
-    still works). pylazy's own: ``use_extra_bufts`` (CPU weights in llama.cpp's repacked
+    flash_attn=True), ``n_gpu_layers``, ``split_mode``, ``main_gpu``, ``tensor_split`` and
+    ``rpc_servers`` ("host:port" list or comma string of `pylazy rpc-server`s): pylazy.devices,
+    docs/rpc.md. pylazy's own: ``use_extra_bufts`` (CPU weights in llama.cpp's repacked
     buffer types, as llama.cpp; None: yes unless PYLAZY_EXTRA_BUFTS=0).
     """
 
@@ -162,10 +159,7 @@ class Llama:
         if n_threads is not None:
             check_int("n_threads", n_threads, 1)
         kv_types = _check_kv_types(flash_attn, type_k, type_v)
-        from .devices import check_split, rpc_server_list, rpc_timeout_default
         n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, -2 ** 31)   # < 0: all, as llama.cpp
-        check_split(split_mode, main_gpu, tensor_split)
-        rpc_servers = rpc_server_list(rpc_servers)
         self.verbose = bool(verbose)
         self.model_path = resolve_model_path(model_path)
         # unset (...): the file's `pylazy tune` profile if there is one, else full attention
@@ -187,7 +181,7 @@ class Llama:
         set_verbose(self.verbose)
         self._model = Model(self.model_path, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
                             use_extra_bufts=use_extra_bufts, split_mode=split_mode, main_gpu=main_gpu,
-                            tensor_split=tensor_split, rpc_servers=rpc_servers, rpc_timeout=rpc_timeout_default())
+                            tensor_split=tensor_split, rpc_servers=rpc_servers, rpc_timeout=None)
         # The tokenizer and chat templates: llama.cpp's, from a weightless load of the file.
         # Quiet unless verbose: its context warns "n_ctx_seq > n_ctx_train (0)" on stderr.
         with suppress_stdout_stderr(disable=self.verbose):
