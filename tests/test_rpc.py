@@ -98,9 +98,14 @@ def test_layers_split_cpu_server1_server2(tiny_model_path, servers):
         assert [d.split("(")[1].rstrip(")") for d in m.devices()] == servers
         assert m.info.backend == f"CPU,{s1},{s2}" and m.info.on_gpu
         if shutil.which("ss"):   # ggml-rpc's connections got keepalive probes (a vanished host fails, not hangs)
+            # (ss shows the pending timer: the retransmit one while data is unacknowledged, so poll)
             for e in servers:
-                out = subprocess.run(["ss", "-tio", "state", "established", f"( dport = :{e.split(':')[1]} )"],
-                                     capture_output=True, text=True).stdout
+                for _ in range(50):
+                    out = subprocess.run(["ss", "-tio", "state", "established", f"( dport = :{e.split(':')[1]} )"],
+                                         capture_output=True, text=True).stdout
+                    if "keepalive" in out:
+                        break
+                    time.sleep(0.1)
                 assert "keepalive" in out, out
     # n_gpu_layers=0: nothing offloaded, no connection needed (the servers are not even asked)
     from pylazy.engine import Model
