@@ -122,11 +122,13 @@ def test_tune_command_on_tiny_model(tiny_model_path, profile_dir, tmp_path, monk
     want_lazy = LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25)) if "lazy" in fastest["name"] else None
     want_rec = Recycle(k=32, stride=4) if "rec" in fastest["name"] else None
     assert (profile["lazy"], profile["recycle"]) == (want_lazy, want_rec)
-    if profile["chosen"] != "full":   # held-out check of the chosen setting (full attention needs none)
-        assert profile["verified"]["prompts"] == 1 and profile["verified"]["seed"] == 1000
-        assert profile["verified"]["meets_budget"]        # every prompt scores 1
-    else:
-        assert "verified" not in profile
+    v, check = profile["verification"], profile["check"]
+    assert v["seed"] == 1000 and check["seed"] == 2000
+    if profile["chosen"] != "full":   # every prompt scores 1: the fastest shortlisted one is accepted
+        assert v["candidates"][0]["name"] == profile["chosen"] and v["candidates"][0]["accepted"]
+        assert check["prompts"] == 1 and check["meets_budget"] and check["relative_accuracy"] == 1.0
+    else:                             # full attention measured fastest: nothing to verify or check
+        assert v["shortlist"] == [] and "skipped" in check
     assert profile["tuned"]["length"] == 256 and profile["model"]["identity"] == profiles.file_identity(str(tiny_model_path))
     with open(tmp_path / "out" / "sweep.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
