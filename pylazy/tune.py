@@ -6,14 +6,18 @@ Stage 1 runs the eval harness's tasks (pylazy/eval) at one length under full att
 keep schedules and recycle K / stride / dynamic-threshold settings; stage 2 tries the fastest
 pairs of a passing lazy schedule with a passing recycle setting together. A setting *passes*
 when its accuracy is at least ``min_accuracy`` x full attention's on the same prompts. Of the
-passing ones (full attention always passes) the fastest by the estimated time of a request is
-chosen: TTFT + ``gen_tokens`` / decode speed, both measured (the tokens actually generated vary
-by policy, so their own decode time would favour a policy that stops early).
+passing ones the fastest ``--shortlist`` by the estimated time of a request (TTFT + ``gen_tokens``
+/ decode speed, both measured: the tokens actually generated vary by policy, so their own
+decode time would favour a policy that stops early) run again with full attention on held-out
+prompts (seed + 1000, ``--verify-samples``); the fastest of them that meets the budget there and
+whose paired lower bound over all its prompts holds is chosen, else full attention
+(pylazy/tune_rule.py says why: the winner's curse). A final check on a third seed (seed + 2000,
+``--check-samples``) that took no part in the choice reports whether the profile meets its
+budget on prompts it never saw.
 
 Writes the profile (pylazy/profiles.py: JSON keyed by the file's identity, read by
-``Llama(model_path=...)`` and the CLI as the file's default policies, shown by ``pylazy info``),
-a PNG of the sweep next to it, and the sweep's rows in the profile itself. ``--verify-samples``
-re-measures full attention and the chosen setting on held-out prompts (another seed).
+``Llama(model_path=...)`` and the CLI as the file's default policies, shown by ``pylazy info``)
+with every sweep row, every verification and the check, and a PNG of the sweep next to it.
 """
 from __future__ import annotations
 
@@ -25,17 +29,25 @@ import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence
 
+from .tune_rule import add_paired, cascade, paired, prompt_scores, shortlist
+
 # Short answers (<= 36 tokens) that depend on a few positions of the context: what lazy pruning
-# and recycled selection can lose. 4 tasks x 2 depths = 8 prompts a sample: on 2 idle cores at 2K
-# the default grid takes ~10 CPU-minutes on SmolLM2 (docs/eval/README.md, "pylazy tune").
+# and recycled selection can lose. 4 tasks x 2 depths = 8 prompts a sample. The cost is the
+# prefills: full attention and each lazy schedule prefill every prompt, the recycle settings
+# reuse full's prefill and only decode. On 2 cores at 2K (SmolLM2, ~14 s a full prefill) the
+# defaults (9 settings, 8 sweep + 8 held-out + 8 check prompts) take ~12 minutes
+# (docs/eval/models-s6/README.md).
 DEFAULT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "qa")
 DEFAULT_DEPTHS = (0.25, 0.75)
-DEFAULT_LAZY_KEEPS = ("0.7,0.5,0.35", "0.6,0.4,0.25", "0.45,0.3,0.2")
+DEFAULT_LAZY_KEEPS = ("0.7,0.5,0.35", "0.6,0.4,0.25")   # 45/30/20 lost 15 % held out on SmolLM2
 LAZY_LAYERS = (0.25, 0.5, 0.75)   # where the schedules prune: the measured default's depths
-DEFAULT_K_DIVISORS = (16, 8)      # recycle K = length / divisor
+DEFAULT_K_DIVISORS = (16, 8, 4)   # recycle K = length / divisor
 DEFAULT_STRIDES = (16, 32)
-DEFAULT_THRESHOLDS = (0.9,)       # dynamic stride, tried at K = length / 8, stride 16
-HELD_OUT_SEED_OFFSET = 1000
+# dynamic stride, tried at K = length / 8, stride 16: none by default, its similarity check
+# decoded at 19.7 tok/s against full's 42 on the CPU (slower than full attention)
+DEFAULT_THRESHOLDS = ()
+HELD_OUT_SEED_OFFSET = 1000       # the cascade's held-out prompts
+CHECK_SEED_OFFSET = 2000          # the final check's: never part of the choice
 
 
 # ----- candidates -------------------------------------------------------------------------
@@ -111,11 +123,13 @@ def _combos(rows: List[dict], policies: Dict[str, dict], n: int) -> Dict[str, di
 
 
 def run_sweep(model_path: str, args: argparse.Namespace, work_dir: str, runner_factory=None) -> dict:
-    """Stages 1 and 2; returns {"rows", "chosen", "policies", "seconds", "results"}."""
+    """Stages 1 and 2; returns {"rows", "policies", "seconds", "results"}; the rows marked by
+    choose (passes: the point screen) and add_paired (holds: the paired bound)."""
     t0 = time.perf_counter()
     policies: Dict[str, dict] = {"full": {}}
     policies.update(lazy_candidates(args.lazy_keeps))
     policies.update(recycle_candidates(args.length, args.k_divisors, args.strides, args.thresholds))
+    _stage(args, f"sweep: {len(policies)} settings, seed {args.seed}")
     stage1 = _suite(model_path, policies, args, args.seed, args.samples, os.path.join(work_dir, "stage1"),
                     runner_factory)
     rows = summarize(stage1, args.gen_tokens)
@@ -124,54 +138,108 @@ def run_sweep(model_path: str, args: argparse.Namespace, work_dir: str, runner_f
     results = [stage1]
     if combos:
         policies.update(combos)
+        _stage(args, f"sweep stage 2: {', '.join(combos)}")
         # same prompts as stage 1, so its full-attention row is the baseline of these too
         stage2 = _suite(model_path, combos, args, args.seed, args.samples,
                         os.path.join(work_dir, "stage2"), runner_factory)
         results.append(stage2)
         rows += summarize(stage2, args.gen_tokens)
-    chosen = choose(rows, args.min_accuracy)
-    return {"rows": rows, "chosen": chosen, "policies": policies, "results": results,
+    choose(rows, args.min_accuracy)
+    add_paired(rows, prompt_scores(*results), args.bound_z, args.min_accuracy)
+    return {"rows": rows, "policies": policies, "results": results,
             "seconds": time.perf_counter() - t0}
 
 
-def verify(model_path: str, args: argparse.Namespace, chosen: str, policy: dict, work_dir: str,
+def _stage(args: argparse.Namespace, text: str) -> None:
+    if not args.no_progress:
+        print(f"[pylazy tune] {text}", file=sys.stderr, flush=True)
+
+
+def decide(model_path: str, args: argparse.Namespace, sweep: dict, work_dir: str,
            runner_factory=None) -> dict:
-    """Full attention and the chosen setting on held-out prompts (seed + 1000)."""
+    """The choice: the held-out cascade over the shortlist (tune_rule.cascade), or without
+    --verify-samples the fastest sweep row whose paired bound holds. Returns {"chosen",
+    "fallback", "verification"}."""
+    rows = sweep["rows"]
+    if not args.verify_samples:
+        best = min((r for r in rows if r["holds"]), key=lambda r: (r["est_seconds"], r["name"] != "full"))
+        return {"chosen": best["name"], "fallback": False, "verification": None}
     seed = args.seed + HELD_OUT_SEED_OFFSET
-    res = _suite(model_path, {"full": {}, chosen: policy}, args, seed, args.verify_samples,
-                 os.path.join(work_dir, "verify"), runner_factory)
-    rows = summarize(res, args.gen_tokens)
-    choose(rows, args.min_accuracy)
-    row = rows[-1]
-    return {"seed": seed, "prompts": row["prompts"], "full_accuracy": rows[0]["accuracy"],
-            "accuracy": row["accuracy"], "relative_accuracy": row["relative_accuracy"],
-            "speedup": row["speedup"], "meets_budget": row["relative_accuracy"] >= args.min_accuracy - 1e-9}
+    names = [r["name"] for r in shortlist(rows, args.shortlist)]
+    verification = {"seed": seed, "samples": args.verify_samples, "shortlist": names, "candidates": []}
+    if not names:
+        verification["note"] = "no setting faster than full attention met the budget on the sweep's prompts"
+        return {"chosen": "full", "fallback": True, "verification": verification}
+    _stage(args, f"held out: full + {len(names)} shortlisted settings, seed {seed}")
+    held = _suite(model_path, {"full": {}, **{n: sweep["policies"][n] for n in names}}, args, seed,
+                  args.verify_samples, os.path.join(work_dir, "verify"), runner_factory)
+    held_rows = {r["name"]: r for r in summarize(held, args.gen_tokens)}
+    chosen, records = cascade(names, prompt_scores(*sweep["results"]), prompt_scores(held),
+                              args.bound_z, args.min_accuracy)
+    for rec in records:   # the held-out speed too: what the estimate was on other prompts
+        rec["held_out"]["speedup"] = round(held_rows["full"]["est_seconds"] / held_rows[rec["name"]]["est_seconds"], 4)
+    verification.update(prompts=records[0]["held_out"]["prompts"], full_accuracy=round(
+        held_rows["full"]["accuracy"], 4), candidates=records)
+    return {"chosen": chosen, "fallback": chosen == "full", "verification": verification}
+
+
+def final_check(model_path: str, args: argparse.Namespace, chosen: str, policy: dict, work_dir: str,
+                runner_factory=None) -> dict:
+    """Full attention and the chosen setting on a third seed (seed + 2000) that took no part in
+    the choice: reported, never used to choose."""
+    seed = args.seed + CHECK_SEED_OFFSET
+    out = {"seed": seed, "samples": args.check_samples,
+           "note": "reported only: these prompts took no part in the choice"}
+    if chosen == "full":
+        return {**out, "meets_budget": True, "relative_accuracy": 1.0,
+                "skipped": "full attention was chosen: it is the baseline itself"}
+    _stage(args, f"final check: full + {chosen}, seed {seed}")
+    res = _suite(model_path, {"full": {}, chosen: policy}, args, seed, args.check_samples,
+                 os.path.join(work_dir, "check"), runner_factory)
+    scores = prompt_scores(res)
+    st = paired(scores["full"], scores[chosen], args.bound_z)
+    rows = {r["name"]: r for r in summarize(res, args.gen_tokens)}
+    return {**out, **{k: round(v, 4) if isinstance(v, float) else v for k, v in st.items()},
+            "speedup": round(rows["full"]["est_seconds"] / rows[chosen]["est_seconds"], 4),
+            "meets_budget": st["relative_accuracy"] >= args.min_accuracy - 1e-9}
 
 
 # ----- the profile, its plot, the command ------------------------------------------------------
-def build_profile(model_path: str, args: argparse.Namespace, sweep: dict) -> dict:
-    """The JSON a person reads and Llama applies: the chosen policies, how they were chosen, every row."""
+def build_profile(model_path: str, args: argparse.Namespace, sweep: dict, decision: dict) -> dict:
+    """The JSON a person reads and Llama applies: the chosen policies, how they were chosen, every
+    sweep row and every verification."""
     from .profiles import file_identity, policy_to_dict
-    chosen = sweep["chosen"]
-    policy = sweep["policies"][chosen["name"]]
-    keep = ("name", "prompts", "accuracy", "relative_accuracy", "ttft_s", "decode_tok_s",
-            "est_seconds", "speedup", "passes")
+    name = decision["chosen"]
+    policy = sweep["policies"][name]
+    keep = ("name", "prompts", "accuracy", "relative_accuracy", "relative_lower", "wins", "losses",
+            "ttft_s", "decode_tok_s", "est_seconds", "speedup", "passes", "holds")
     return {
         "model": {"path": os.path.abspath(model_path), "bytes": os.path.getsize(model_path),
                   "identity": file_identity(model_path)},
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "chosen": chosen["name"],
+        "chosen": name,
+        "fallback": decision["fallback"],
         "lazy": policy_to_dict(policy.get("lazy")),
         "recycle": policy_to_dict(policy.get("recycle")),
         "tuned": {"length": args.length, "tasks": list(args.tasks), "depths": list(args.depths),
-                  "seed": args.seed, "samples": args.samples, "prompts": chosen["prompts"],
-                  "min_accuracy": args.min_accuracy, "gen_tokens": args.gen_tokens,
-                  "max_new_tokens": args.max_new_tokens,
+                  "seed": args.seed, "samples": args.samples, "prompts": sweep["rows"][0]["prompts"],
+                  "min_accuracy": args.min_accuracy, "bound_z": args.bound_z, "gen_tokens": args.gen_tokens,
+                  "max_new_tokens": args.max_new_tokens, "shortlist": args.shortlist,
                   "threads": args.threads, "sweep_seconds": round(sweep["seconds"], 1),
-                  "rule": "fastest (TTFT + gen_tokens / decode tok/s) with accuracy >= min_accuracy x full's"},
+                  "rule": RULE},
         "sweep": [{k: (round(r[k], 4) if isinstance(r[k], float) and math.isfinite(r[k]) else r[k])
                    for k in keep} for r in sweep["rows"]],
+        "verification": decision["verification"],
     }
+
+
+RULE = ("sweep: passes = accuracy >= min_accuracy x full's on the sweep prompts; the --shortlist fastest "
+        "passers (TTFT + gen_tokens / decode tok/s) run again with full on held-out prompts (seed + 1000); "
+        "chosen: the fastest that meets the budget held out and whose paired lower bound "
+        "1 + (mean(d) - z sd(d)/sqrt(n)) / full accuracy, d = its score - full's per prompt over sweep + "
+        "held-out prompts, is >= min_accuracy; none: full attention (fallback). Without held-out "
+        "prompts: the fastest whose paired bound over the sweep holds. check: a third seed (seed + 2000), "
+        "reported only")
 
 
 def plot_sweep(profile: dict, path: str) -> str:
@@ -189,9 +257,11 @@ def plot_sweep(profile: dict, path: str) -> str:
                    s=150 if kind == "full" else 45, zorder=3, alpha=1.0 if r["passes"] else 0.45)
         ax.annotate(r["name"], (r["speedup"], r["relative_accuracy"]), textcoords="offset points",
                     xytext=(5, 3), fontsize=7)
+    _plot_held_out(ax, profile)
     best = next(r for r in profile["sweep"] if r["name"] == profile["chosen"])
     ax.scatter([best["speedup"]], [best["relative_accuracy"]], s=320, facecolors="none",
-               edgecolors="red", linewidths=1.5, zorder=4, label=f"chosen: {best['name']}")
+               edgecolors="red", linewidths=1.5, zorder=4,
+               label=f"chosen: {best['name']}" + (" (fallback)" if profile.get("fallback") else ""))
     t = profile["tuned"]
     ax.axhline(t["min_accuracy"], color="red", lw=0.8, ls="--", label=f"budget {t['min_accuracy']:g} x full")
     ax.axvline(1.0, color="gray", lw=0.8, ls=":")
@@ -208,16 +278,34 @@ def plot_sweep(profile: dict, path: str) -> str:
     return path
 
 
+def _plot_held_out(ax, profile: dict) -> None:
+    """Each verified setting's held-out point (an arrow from its sweep point) and the check's."""
+    sweep = {r["name"]: r for r in profile["sweep"]}
+    for i, c in enumerate((profile.get("verification") or {}).get("candidates", [])):
+        a, h = sweep[c["name"]], c["held_out"]
+        ax.annotate("", xy=(a["speedup"], h["relative_accuracy"]), xytext=(a["speedup"], a["relative_accuracy"]),
+                    arrowprops={"arrowstyle": "->", "color": "gray", "lw": 0.8})
+        ax.scatter([a["speedup"]], [h["relative_accuracy"]], marker="x", color="gray", zorder=3,
+                   label="held out (verified)" if i == 0 else None)
+    c = profile.get("check")
+    if c and "skipped" not in c:
+        ax.scatter([c["speedup"]], [c["relative_accuracy"]], marker="D", color="red", s=40, zorder=5,
+                   label=f"check, seed {c['seed']}: {c['relative_accuracy']:.3f}")
+
+
 def tune(model_path: str, args: argparse.Namespace, runner_factory=None) -> dict:
-    """The whole command: sweep, choose, optionally verify, write profile + plot; returns the profile."""
+    """The whole command: sweep, held-out cascade, final check, profile + plot; returns the profile."""
     from .profiles import save_profile
     import tempfile
+    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pylazy-tune-") as work:
         sweep = run_sweep(model_path, args, work, runner_factory)
-        profile = build_profile(model_path, args, sweep)
-        if args.verify_samples and profile["chosen"] != "full":   # full attention needs no check
+        decision = decide(model_path, args, sweep, work, runner_factory)
+        profile = build_profile(model_path, args, sweep, decision)
+        if args.check_samples:
             name = profile["chosen"]
-            profile["verified"] = verify(model_path, args, name, sweep["policies"][name], work, runner_factory)
+            profile["check"] = final_check(model_path, args, name, sweep["policies"][name], work, runner_factory)
+    profile["tuned"]["total_seconds"] = round(time.perf_counter() - t0, 1)
     path = save_profile(model_path, profile, args.profile_dir)
     profile["path"] = str(path)
     plot = None if args.no_plot else plot_sweep(profile, str(path.with_suffix(".png")))
@@ -262,8 +350,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--thresholds", type=float, nargs="*", default=list(DEFAULT_THRESHOLDS),
                     help="dynamic thresholds tried at K = length / 8, stride 16")
     ap.add_argument("--combos", type=int, default=1, help="lazy + recycle pairs tried in stage 2 (default 1)")
-    ap.add_argument("--verify-samples", type=int, default=0,
-                    help="re-measure full and the chosen setting on this many held-out samples per task/depth")
+    ap.add_argument("--shortlist", type=int, default=3,
+                    help="fastest sweep-passers verified on held-out prompts (default 3)")
+    ap.add_argument("--verify-samples", type=int, default=1,
+                    help="held-out samples per task/depth for the shortlist (default 1; 0: choose on the "
+                         "sweep's prompts by the paired bound alone)")
+    ap.add_argument("--check-samples", type=int, default=1,
+                    help="samples per task/depth of the final check on a third seed, reported only (default 1; 0: none)")
+    ap.add_argument("--bound-z", type=float, default=1.0,
+                    help="z of the paired lower bound on accuracy vs full (default 1.0; 0: the point estimate)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads of the engine")
     ap.add_argument("--n-gpu-layers", type=int, default=None, help="layers on the GPU (-1: all)")
     ap.add_argument("--no-plot", action="store_true", help="no PNG (matplotlib not needed)")
@@ -281,8 +376,14 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("samples", "gen_tokens", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.combos < 0 or args.verify_samples < 0:
-        raise ValueError("--combos and --verify-samples must be >= 0")
+    for name in ("combos", "verify_samples", "check_samples", "bound_z"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+    if args.shortlist < 1:
+        raise ValueError("--shortlist must be >= 1")
+    if max(args.samples, args.verify_samples, args.check_samples) > HELD_OUT_SEED_OFFSET:
+        raise ValueError(f"at most {HELD_OUT_SEED_OFFSET} samples: the held-out and check seeds "
+                         f"are seed + {HELD_OUT_SEED_OFFSET} and seed + {CHECK_SEED_OFFSET}")
     if any(d < 1 for d in args.k_divisors) or any(s < 1 for s in args.strides):
         raise ValueError("--k-divisors and --strides must be >= 1")
     from .eval.tasks import parse_spec
@@ -307,17 +408,40 @@ def _cmd_tune(args) -> int:
         raise UsageError(str(exc)) from None
     path = resolve_model_path(args.model)
     profile = tune(path, args)
-    rows = profile["sweep"]
-    print(f"\n{'setting':<32} {'acc':>5} {'vs full':>8} {'TTFT s':>8} {'tok/s':>7} {'speedup':>8}  passes")
-    for r in rows:
-        print(f"{r['name']:<32} {r['accuracy']:5.2f} {r['relative_accuracy']:8.3f} {r['ttft_s']:8.2f} "
-              f"{r['decode_tok_s'] or 0:7.1f} {r['speedup']:8.2f}  {'yes' if r['passes'] else 'no'}")
-    print(f"chosen: {profile['chosen']} (sweep {profile['tuned']['sweep_seconds']:.0f} s)")
-    if "verified" in profile:
-        v = profile["verified"]
-        print(f"held out ({v['prompts']} prompts, seed {v['seed']}): {v['accuracy']:.2f} vs full "
-              f"{v['full_accuracy']:.2f} = {v['relative_accuracy']:.3f} of full; "
-              f"{'meets' if v['meets_budget'] else 'MISSES'} the budget")
+    print(report(profile))
     print(f"profile: {profile['path']}" + ("" if args.no_plot else
           f" (plot {os.path.splitext(profile['path'])[0]}.png)"), file=sys.stderr)
     return 0
+
+
+def report(profile: dict) -> str:
+    """What the command prints: the sweep table, each verification, the choice, the check."""
+    budget = profile["tuned"]["min_accuracy"]
+    lines = [f"\n{'setting':<32} {'acc':>5} {'vs full':>8} {'bound':>6} {'W/L':>5} {'TTFT s':>7} "
+             f"{'tok/s':>6} {'speedup':>7}  passes holds"]
+    for r in profile["sweep"]:
+        lines.append(f"{r['name']:<32} {r['accuracy']:5.2f} {r['relative_accuracy']:8.3f} "
+                     f"{r['relative_lower']:6.3f} {r['wins']:>2}/{r['losses']:<2} {r['ttft_s']:7.2f} "
+                     f"{r['decode_tok_s'] or 0:6.1f} {r['speedup']:7.2f}  {'yes' if r['passes'] else 'no':<6} "
+                     f"{'yes' if r['holds'] else 'no'}")
+    v = profile.get("verification")
+    if v:
+        lines.append(f"held out (seed {v['seed']}, {v.get('prompts', 0)} prompts): "
+                     + ("; ".join(v["shortlist"]) if v["shortlist"] else v.get("note", "")))
+        for c in v["candidates"]:
+            h, p = c["held_out"], c["pooled"]
+            lines.append(f"  {c['name']:<30} held out {h['accuracy']:.2f} vs full {h['full_accuracy']:.2f} = "
+                         f"{h['relative_accuracy']:.3f}; pooled {p['prompts']} prompts {p['relative_accuracy']:.3f}, "
+                         f"bound {p['relative_lower']:.3f}: {'ACCEPTED' if c['accepted'] else 'no'} ({c['why']})")
+    lines.append(f"chosen: {profile['chosen']}" + (" (fallback: no shortlisted setting met the budget held out; "
+                                                  "full attention)" if profile["fallback"] else ""))
+    c = profile.get("check")
+    if c and "skipped" in c:
+        lines.append(f"check (seed {c['seed']}): skipped, {c['skipped']}")
+    elif c:
+        lines.append(f"check (seed {c['seed']}, {c['prompts']} prompts never used to choose): {c['accuracy']:.2f} "
+                     f"vs full {c['full_accuracy']:.2f} = {c['relative_accuracy']:.3f} of full, speedup "
+                     f"{c['speedup']:.2f}; {'meets' if c['meets_budget'] else 'MISSES'} the budget {budget:g}")
+    t = profile["tuned"]
+    lines.append(f"total wall time: {t['total_seconds']:.0f} s (sweep {t['sweep_seconds']:.0f} s)")
+    return "\n".join(lines)

@@ -99,6 +99,36 @@ def test_run_suite_writes_one_record_per_task_policy_length(tmp_path, tokenize):
     assert res["records"] == recs
 
 
+def test_run_suite_cut_short_keeps_finished_instances_in_partial_jsonl(tmp_path, tokenize):
+    # the third completion fails (a run killed mid-way): the two finished instances are on disk
+    from pylazy.eval.runner import run_suite
+    calls = []
+
+    class Dying(FakeRunner):
+        def create_completion(self, prompt, **kw):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt("cut")
+            return super().create_completion(prompt, **kw)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(DEFAULT_MODEL, {"full": {}, "fake_lazy": {"lazy": "x"}}, [256], ["niah_single:noise"],
+                  [0.0, 1.0], seed=3, progress=False, out_dir=str(tmp_path), ppl_tokens=0,
+                  runner_factory=lambda p, n, kw: Dying(echo=not kw, logits=False), tokenize=tokenize,
+                  make_plots=False)
+    assert not (tmp_path / "results.json").exists()
+    lines = [json.loads(x) for x in (tmp_path / "partial.jsonl").read_text().splitlines()]
+    assert [(x["policy"], x["depth"], x["score"]) for x in lines] == [("full", 0.0, 1.0), ("fake_lazy", 0.0, 0.0)]
+    assert all(x["task"] == "niah_single:noise" and x["context_len"] == 256 and x["seed"] == 3 for x in lines)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("eval_current", os.path.join(
+        os.path.dirname(__file__), "..", "scripts", "eval_current.py"))
+    eval_current = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eval_current)
+    back = eval_current.load(str(tmp_path / "partial.jsonl"))
+    assert {r["policy"]: r["instances"][0]["score"] for r in back["records"]} == {"full": 1.0, "fake_lazy": 0.0}
+
+
 class FakeChatRunner:
     def create_chat_completion(self, messages, stream, max_tokens, temperature):
         assert messages[0]["role"] == "user" and stream and temperature == 0.0

@@ -122,11 +122,13 @@ def test_tune_command_on_tiny_model(tiny_model_path, profile_dir, tmp_path, monk
     want_lazy = LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25)) if "lazy" in fastest["name"] else None
     want_rec = Recycle(k=32, stride=4) if "rec" in fastest["name"] else None
     assert (profile["lazy"], profile["recycle"]) == (want_lazy, want_rec)
-    if profile["chosen"] != "full":   # held-out check of the chosen setting (full attention needs none)
-        assert profile["verified"]["prompts"] == 1 and profile["verified"]["seed"] == 1000
-        assert profile["verified"]["meets_budget"]        # every prompt scores 1
-    else:
-        assert "verified" not in profile
+    v, check = profile["verification"], profile["check"]
+    assert v["seed"] == 1000 and check["seed"] == 2000
+    if profile["chosen"] != "full":   # every prompt scores 1: the fastest shortlisted one is accepted
+        assert v["candidates"][0]["name"] == profile["chosen"] and v["candidates"][0]["accepted"]
+        assert check["prompts"] == 1 and check["meets_budget"] and check["relative_accuracy"] == 1.0
+    else:                             # full attention measured fastest: nothing to verify or check
+        assert v["shortlist"] == [] and "skipped" in check
     assert profile["tuned"]["length"] == 256 and profile["model"]["identity"] == profiles.file_identity(str(tiny_model_path))
     with open(tmp_path / "out" / "sweep.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -143,3 +145,113 @@ def test_tune_refuses_bad_arguments(flag, match, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["tune"] + flag)
     assert exc.value.code == 2 and match in capsys.readouterr().err
+
+
+# ----- the held-out cascade and the final check, on scripted runners ---------------------------
+def test_paired_bound_counts_losses_the_point_estimate_hides():
+    from pylazy.tune_rule import paired
+    full = {"a": 0.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    st = paired(full, {"a": 1.0, "b": 0.0, "c": 1.0, "d": 1.0}, z=1.0)   # one win, one loss
+    assert (st["relative_accuracy"], st["wins"], st["losses"]) == (1.0, 1, 1)
+    # sd of d = (+1, -1, 0, 0) is sqrt(2/3); bound 1 - sqrt(2/3)/2 / 0.75
+    assert st["relative_lower"] == pytest.approx(1 - (2 / 3) ** 0.5 / 2 / 0.75)
+    same = paired(full, dict(full), z=1.0)                                # agrees on every prompt
+    assert same["relative_lower"] == same["relative_accuracy"] == 1.0
+    assert paired(full, {"a": 1.0, "b": 0.0, "c": 1.0, "d": 1.0}, z=0.0)["relative_lower"] == 1.0
+    with pytest.raises(ValueError, match="scored 0"):
+        paired({"a": 0.0}, {"a": 1.0}, z=1.0)
+
+
+class _ScriptedRunner:
+    """A Llama-like runner for tune's runner_factory: it echoes the prompt (every answer found:
+    score 1) or answers nothing (score 0) as its script says for the current suite, and reports a
+    fixed prefill time so the speed order is known."""
+
+    def __init__(self, loses: bool, prefill_s: float):
+        self.loses, self.prefill_s, self.stats = loses, prefill_s, {}
+
+    def reset(self):
+        pass
+
+    def create_completion(self, prompt, stream, max_tokens, temperature):
+        self.stats = {"prefill_s": self.prefill_s, "completion_tokens": 4}
+        for piece in (["nothing", " at", " all", "."] if self.loses else [prompt[:10], prompt[10:], " ", "."]):
+            yield {"choices": [{"text": piece}]}
+
+
+# sweep candidates of _tune_args; prefill seconds set the speed order: lazy 50/30/20 fastest
+_SPEED = {"full": 1.0, "lazy 50/30/20": 0.3, "lazy 60/40/25": 0.5, "rec L/8 s4": 0.8}
+_SUITES = ("sweep", "held out", "check")
+
+
+def _scripted_factory(losses: dict):
+    """runner_factory whose runners lose where losses[name] names the suite. run_suite opens full
+    first in each suite (tune's policies start with it): that counts the suites."""
+    names = {**{repr(v): k for k, v in tune.lazy_candidates([(0.6, 0.4, 0.25), (0.5, 0.3, 0.2)]).items()},
+             **{repr(v): k for k, v in tune.recycle_candidates(256, [8], [4], []).items()}}
+    suite = []
+
+    def factory(model_path, n_ctx, kwargs):
+        name = "full" if not kwargs else names[repr(kwargs)]
+        if name == "full":
+            suite.append(_SUITES[len(suite)])
+        return _ScriptedRunner(suite[-1] in losses.get(name, ()), _SPEED[name])
+    return factory
+
+
+def _run_scripted(model_path, losses, capsys):
+    argv = ["tune", "-m", str(model_path), "--length", "256", "--tasks", "niah_single:noise", "--depths",
+            "0.25", "0.75", "--lazy-keeps", "0.6,0.4,0.25", "0.5,0.3,0.2", "--k-divisors", "8",
+            "--strides", "4", "--thresholds", "--combos", "0", "--verify-samples", "1", "--check-samples",
+            "2", "--no-progress", "--no-plot"]
+    args = cli.build_parser().parse_args(argv)
+    tune.check_args(args)
+    profile = tune.tune(str(model_path), args, runner_factory=_scripted_factory(losses))
+    capsys.readouterr()
+    return profile, tune.report(profile)
+
+
+def test_cascade_takes_the_next_setting_when_the_fastest_misses_held_out(tiny_model_path, profile_dir, capsys):
+    profile, text = _run_scripted(tiny_model_path, {"lazy 50/30/20": ("held out",)}, capsys)
+    assert all(r["passes"] and r["holds"] and r["relative_accuracy"] == 1.0 for r in profile["sweep"])
+    v = profile["verification"]
+    assert v["seed"] == 1000 and v["prompts"] == 2
+    assert v["shortlist"] == ["lazy 50/30/20", "lazy 60/40/25", "rec L/8 s4"]   # fastest first
+    first, second, third = v["candidates"]
+    assert first["held_out"]["relative_accuracy"] == 0.0 and not first["passes"] and not first["accepted"]
+    assert first["pooled"]["prompts"] == 4 and first["pooled"]["relative_accuracy"] == 0.5
+    assert second["accepted"] and second["held_out"]["relative_accuracy"] == 1.0
+    assert third["passes"] and not third["accepted"]
+    assert (profile["chosen"], profile["fallback"]) == ("lazy 60/40/25", False)
+    assert "chosen: lazy 60/40/25\n" in text and "lazy 50/30/20" in text and "held out 0.000 x full < 0.98" in text
+    saved = profiles.load_profile(str(tiny_model_path))   # the JSON records every verification
+    assert [c["name"] for c in saved["verification"]["candidates"]] == v["shortlist"]
+    want = LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.25))
+    assert (saved["lazy"], saved["recycle"]) == (want, None)
+    llm = pylazy.Llama(str(tiny_model_path), n_ctx=256, verbose=False)
+    assert (llm.lazy, llm.recycle) == (want, None)
+    llm.close()
+
+
+def test_cascade_falls_back_to_full_when_every_shortlisted_setting_misses(tiny_model_path, profile_dir, capsys):
+    losses = {name: ("held out",) for name in _SPEED if name != "full"}
+    profile, text = _run_scripted(tiny_model_path, losses, capsys)
+    assert [c["passes"] for c in profile["verification"]["candidates"]] == [False, False, False]
+    assert (profile["chosen"], profile["fallback"], profile["lazy"], profile["recycle"]) == ("full", True, None, None)
+    assert profile["verification"]["candidates"][0]["why"] == "held out 0.000 x full < 0.98; pooled paired bound 0.211 < 0.98"
+    assert "skipped" in profile["check"] and profile["check"]["meets_budget"]
+    assert "chosen: full (fallback" in text
+    llm = pylazy.Llama(str(tiny_model_path), n_ctx=256, verbose=False)
+    assert (llm.lazy, llm.recycle) == (None, None)   # the profile applied is full attention
+    llm.close()
+
+
+def test_final_check_on_a_third_seed_is_reported_and_does_not_choose(tiny_model_path, profile_dir, capsys):
+    profile, text = _run_scripted(tiny_model_path, {"lazy 50/30/20": ("check",)}, capsys)
+    c = profile["check"]
+    assert profile["chosen"] == "lazy 50/30/20"      # chosen before the check ran; the check leaves it
+    assert (c["seed"], c["prompts"], c["full_accuracy"], c["accuracy"]) == (2000, 4, 1.0, 0.0)
+    assert not c["meets_budget"] and c["speedup"] == pytest.approx(1.0 / 0.3, rel=1e-3)
+    assert "check (seed 2000, 4 prompts never used to choose): 0.00 vs full 1.00 = 0.000 of full" in text
+    assert "MISSES the budget 0.98" in text and "total wall time:" in text
+    assert profiles.load_profile(str(tiny_model_path))["check"]["meets_budget"] is False

@@ -258,7 +258,9 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
               make_plots: bool = True, n_threads: Optional[int] = None,
               share_runner: Optional[bool] = None, n_gpu_layers: Optional[int] = None,
               max_new_tokens: Optional[int] = None) -> dict:
-    """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs).
+    """Every task x length x depth under every policy; writes out_dir/results.json (+ PNGs), and
+    out_dir/partial.jsonl as it goes (one finished instance a line: a run cut short keeps what it
+    measured; scripts/eval_current.py reads it).
 
     A policy is a kwargs dict or a callable context_len -> dict. Loops run task-major,
     policy-minor. share_runner (default: backend pylazy without runner_factory): one runner
@@ -297,7 +299,8 @@ def run_suite(model_path: Optional[str] = None, policies: Optional[dict] = None,
                        lambda kw: factory(model_path, n_ctx, kw), progress,
                        len(policies) * (len(suite) + len(ppl_lens) * bool(ppl_ids)))
     try:
-        records = runs.tasks(suite, chat)
+        os.makedirs(out_dir, exist_ok=True)
+        records = runs.tasks(suite, chat, os.path.join(out_dir, "partial.jsonl"))
         ppl_records = runs.perplexities(ppl_lens, ppl_ids, ppl_decode)
     finally:
         runs.close()
@@ -366,35 +369,44 @@ class _PolicyRuns:
         elif self.bar:
             self.bar.update()
 
-    def tasks(self, suite, chat: bool) -> list:
-        """Every task under every policy: the aggregated records."""
+    def tasks(self, suite, chat: bool, partial_path: str) -> list:
+        """Every task under every policy: the aggregated records. Each finished instance is also
+        a line of partial_path at once (flushed), so a long CPU run cut short keeps its results."""
         runs = defaultdict(list)    # (policy, spec, length) -> instance records
-        for task in suite:
-            L = task.context_len
-            shared_prefill = None   # (policy name, prefill_s) of this prompt's full prefill
-            for pname in self.order(L):
-                kwargs = policy_for(self.policies[pname], L)
-                shared = self.is_shared(pname, L)
-                runner = self.runner_for(pname, L)
-                reuse = shared and shares_prefill(kwargs) and shared_prefill is not None
-                self._tick(f"{pname} {task.spec} {L}")
-                g = generate(runner, task, chat, reset=not reuse,
-                             call_kwargs={k: kwargs.get(k) for k in CALL_POLICY_KEYS} if shared else None)
-                st = g["stats"]
-                g["ttft_measured_s"] = g["ttft_s"]
-                if "prefill_s" in st:   # the engine's own prefill time: no sampling, no streaming
-                    g["ttft_s"] = st["prefill_s"]
-                if reuse:
-                    g["ttft_s"], g["ttft_shared"] = shared_prefill[1], shared_prefill[0]
-                elif shared and shares_prefill(kwargs):
-                    shared_prefill = (pname, g["ttft_s"])
-                runs[(pname, task.spec, L)].append({
-                    "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
-                    "prompt_tokens": st.get("prompt_tokens", task.n_tokens),
-                    "answers": task.answers, **g})
-                self._tick()
+        with open(partial_path, "w") as partial:
+            for task in suite:
+                self._task(task, chat, runs, partial)
         return [_aggregate(spec, pname, n, rs) for pname in self.policies
                 for (pp, spec, n), rs in runs.items() if pp == pname]
+
+    def _task(self, task, chat: bool, runs: dict, partial) -> None:
+        """One prompt under every policy, the full-attention-prefill ones sharing one prefill."""
+        L = task.context_len
+        shared_prefill = None   # (policy name, prefill_s) of this prompt's full prefill
+        for pname in self.order(L):
+            kwargs = policy_for(self.policies[pname], L)
+            shared = self.is_shared(pname, L)
+            runner = self.runner_for(pname, L)
+            reuse = shared and shares_prefill(kwargs) and shared_prefill is not None
+            self._tick(f"{pname} {task.spec} {L}")
+            g = generate(runner, task, chat, reset=not reuse,
+                         call_kwargs={k: kwargs.get(k) for k in CALL_POLICY_KEYS} if shared else None)
+            st = g["stats"]
+            g["ttft_measured_s"] = g["ttft_s"]
+            if "prefill_s" in st:   # the engine's own prefill time: no sampling, no streaming
+                g["ttft_s"] = st["prefill_s"]
+            if reuse:
+                g["ttft_s"], g["ttft_shared"] = shared_prefill[1], shared_prefill[0]
+            elif shared and shares_prefill(kwargs):
+                shared_prefill = (pname, g["ttft_s"])
+            runs[(pname, task.spec, L)].append({
+                "depth": task.depth, "seed": task.seed, "score": score(task, g["output"]),
+                "prompt_tokens": st.get("prompt_tokens", task.n_tokens),
+                "answers": task.answers, **g})
+            partial.write(json.dumps({"policy": pname, "task": task.spec, "context_len": L,
+                                      **runs[(pname, task.spec, L)][-1]}, default=repr) + "\n")
+            partial.flush()
+            self._tick()
 
     def perplexities(self, ppl_lens, ppl_ids, ppl_decode: int) -> list:
         """Per context length and policy (full-attention-prefill policies back to back: pylazy
