@@ -180,16 +180,7 @@ int plz_rpc_probe(const char * endpoint, int32_t timeout_ms) {
 int plz_rpc_serve(const char * endpoint, const char * devices, int32_t n_threads, const char * cache_dir) {
     return guarded([&] {
         require(endpoint && devices, "null argument");
-        std::vector<std::string> names;
-        std::string list = devices, item;
-        for (size_t start = 0; start <= list.size();) {
-            size_t end = list.find(',', start);
-            if (end == std::string::npos) end = list.size();
-            item = list.substr(start, end - start);
-            if (!item.empty()) names.push_back(item);
-            start = end + 1;
-        }
-        const std::string why = plz::rpc_serve(endpoint, names, n_threads, cache_dir ? cache_dir : "");
+        const std::string why = plz::rpc_serve(endpoint, plz::split_list(devices), n_threads, cache_dir ? cache_dir : "");
         throw plz::Error(PLZ_ERR_RUNTIME, why);
     });
 }

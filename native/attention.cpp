@@ -43,10 +43,6 @@ std::vector<float> hadamard(int n) {
     return h;
 }
 
-ggml_backend_t compute_backend(const Context & c) {
-    return c.model->output_backend();   // the rotation matrices: the scheduler copies them to other devices
-}
-
 ggml_type checked_type(int type, const char * which, int head_dim) {
     const ggml_type t = type < 0 ? GGML_TYPE_F16 : (ggml_type) type;
     if (!kv_type_supported(type < 0 ? GGML_TYPE_F16 : type)) {
@@ -105,7 +101,7 @@ void configure_kv_format(Context & c, bool flash, int type_k, int type_v) {
         f.ctx = ggml_init(ip);
         if (f.rot_k) f.had_k = ggml_new_tensor_2d(f.ctx, GGML_TYPE_F32, f.rot_k, f.rot_k);
         if (f.rot_v) f.had_v = ggml_new_tensor_2d(f.ctx, GGML_TYPE_F32, f.rot_v, f.rot_v);
-        f.buf = ggml_backend_alloc_ctx_tensors_from_buft(f.ctx, ggml_backend_get_default_buffer_type(compute_backend(c)));
+        f.buf = ggml_backend_alloc_ctx_tensors_from_buft(f.ctx, ggml_backend_get_default_buffer_type(c.model->output_backend())  /* the scheduler copies them to other devices */);
         if (!f.buf) {
             f.free();
             throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the KV rotation matrices");

@@ -228,11 +228,6 @@ static void free_stage(Stage & s) {
     s.ctx = nullptr;
 }
 
-// Where what is not per layer lives (the GPU mask template): the output head's device.
-static ggml_backend_t compute_backend(const Context & c) {
-    return c.model->output_backend();
-}
-
 // An I32 tensor over the memory of an allocated cache tensor (four bytes of a row as one int).
 ggml_tensor * bits_alias(ggml_context * ctx, ggml_tensor * t, int D) {
     if (ggml_row_size(t->type, D) % sizeof(int32_t) != 0) return nullptr;
@@ -1015,7 +1010,7 @@ static void make_causal_template(Context & c) {
     ggml_init_params ip = { ggml_tensor_overhead() * 2, nullptr, true };
     c.ctx_tpl = ggml_init(ip);
     c.causal_tpl = ggml_new_tensor_2d(c.ctx_tpl, GGML_TYPE_F16, W, R);
-    c.buf_tpl = ggml_backend_alloc_ctx_tensors_from_buft(c.ctx_tpl, ggml_backend_get_default_buffer_type(compute_backend(c)));
+    c.buf_tpl = ggml_backend_alloc_ctx_tensors_from_buft(c.ctx_tpl, ggml_backend_get_default_buffer_type(c.model->output_backend()));
     if (!c.buf_tpl) throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the causal mask template");
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
     std::vector<ggml_fp16_t> row(W);

@@ -78,10 +78,6 @@ std::vector<int> assign_layers(int n_layer, const std::vector<ggml_backend_dev_t
     return out;
 }
 
-}  // namespace plz
-
-namespace plz {
-
 std::vector<ggml_backend_buffer_t> alloc_on_backends(const std::vector<std::pair<ggml_tensor *, ggml_backend_t>> & tensors,
                                                      const char * what) {
     // One buffer per buffer type, sized for its tensors; then each tensor placed in it in order.

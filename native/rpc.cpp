@@ -144,10 +144,9 @@ void on_ggml_abort(const char * msg) {
 }  // namespace
 
 bool rpc_available() { return rpc_reg() != nullptr; }
-int rpc_users(const std::string & endpoint);
 int rpc_proto_version() { return RPC_PROTO_MAJOR_VERSION; }
 
-std::vector<std::string> parse_rpc_servers(const std::string & list) {
+std::vector<std::string> split_list(const std::string & list) {
     std::vector<std::string> out;
     size_t start = 0;
     while (start <= list.size()) {
@@ -156,13 +155,18 @@ std::vector<std::string> parse_rpc_servers(const std::string & list) {
         std::string item = list.substr(start, end - start);
         item.erase(0, item.find_first_not_of(" \t"));
         item.erase(item.find_last_not_of(" \t") + 1);
+        if (!item.empty()) out.push_back(item);
+        start = end + 1;
+    }
+    return out;
+}
+
+std::vector<std::string> parse_rpc_servers(const std::string & list) {
+    std::vector<std::string> out = split_list(list);
+    for (const std::string & item : out) {
         std::string host;
         int port = 0;
-        if (!item.empty()) {
-            if (!split_endpoint(item, host, port)) throw Error(PLZ_ERR_ARG, "RPC server '" + item + "' is not host:port");
-            out.push_back(item);
-        }
-        start = end + 1;
+        if (!split_endpoint(item, host, port)) throw Error(PLZ_ERR_ARG, "RPC server '" + item + "' is not host:port");
     }
     return out;
 }

@@ -30,6 +30,9 @@ namespace plz {
 bool rpc_available();
 int rpc_proto_version();   // the protocol major version this ggml speaks (ggml-rpc.h)
 
+// A comma-separated list -> its non-empty items, blanks around each trimmed.
+std::vector<std::string> split_list(const std::string & list);
+
 // "host:port" list separated by commas -> endpoints; throws Error(PLZ_ERR_ARG) on a malformed entry.
 std::vector<std::string> parse_rpc_servers(const std::string & list);
 
