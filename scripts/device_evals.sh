@@ -52,6 +52,7 @@ case ${SET:-} in
             tasks="niah_single niah_multikey niah_multivalue vt cwe fwe qa" depths="0.1 0.5 0.9" ;;
   *) names="full lazy_default lazy_60_40_20 lazy_70_50_30 rec_s16 rec_dyn09 stream" lengths=(2048 4096 7936) ppl=2048 ;;
 esac
+names=${NAMES:-$names}  # NAMES="full lazy_70_50_30": another list of policies for the set
 args=()
 for name in $names; do
   # ONLY="full rec_s16": run just these of the set
