@@ -2,7 +2,7 @@
 # Needle accuracy (RULER niah single/multikey/multivalue) and perplexity of lazy-prefill and
 # recycled-attention settings on SmolLM2, on the GPU machine (scripts/device_run.sh evals): the sweep
 # behind the default LazyPrefill/Recycle choices (docs/eval/README.md). Usage: device_evals.sh MODEL OUT
-# Env: SAMPLES, SEED, ONLY (names of the set's policies to run), TAG (suffix of the output folder, to
+# Env: SAMPLES, SEED, NAMES (the set's policies instead of its own list), ONLY (names of the set's policies to run), TAG (suffix of the output folder, to
 # keep several runs of one call apart). SET=recycle runs only recycling settings, SET=lazy only
 # aggressive lazy schedules, SET=combo lazy + recycled together; all three at 4K/8K with no perplexity.
 # SET=families: the issue-22 table (every task family, full / LazyPrefill() / Recycle() / both /

@@ -5,10 +5,11 @@
 # `scripts/device_run.sh part-X` call (carry .device-part-X); `families` joins the pieces, unpacks
 # what arrived (a cut-short stream still yields every file before the cut) and checks sha256.
 #   scripts/device_parts.sh qwen=/path/qwen.gguf gemma=/path/gemma.gguf smol=/path/smol.gguf
-# Env: PIECE (default 56000000: 64 MiB less the ~7.4 MB the repo takes; 60 MB pieces were refused on 2026-12-02).
+# Env: PIECE (default: 64 MiB less the tracked repo, which travels with every call, less 1 MB of slack).
 set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-piece=${PIECE:-56000000}
+repo_bytes=$(git -C "$repo" ls-files -z | (cd "$repo" && xargs -0 stat -c %s) | awk '{s += $1} END {print s}')
+piece=${PIECE:-$((64 * 1024 * 1024 - repo_bytes - 1000000))}
 stage=$(mktemp -d); trap 'rm -rf "$stage"' EXIT
 rm -rf "$repo"/.device-part-*
 members=()
