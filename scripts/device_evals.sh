@@ -18,6 +18,7 @@ declare -A P=(
   [lazy_default]='{"lazy": LazyPrefill()}'
   [lazy_60_40_20]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.6, 0.4, 0.2))}'
   [lazy_70_50_30]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.7, 0.5, 0.3))}'
+  [lazy_80_60_40]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.8, 0.6, 0.4))}'
   [lazy_30_20_10]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.3, 0.2, 0.1))}'
   [lazy_25_15_10]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.25, 0.15, 0.1))}'
   [lazy_20_10_05]='{"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.2, 0.1, 0.05))}'
@@ -34,6 +35,7 @@ declare -A P=(
   [lazy_rec_r1]='lambda L: {"lazy": LazyPrefill(reselect=1), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec_w32p16]='lambda L: {"lazy": LazyPrefill(window=32, pool=16), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16)}'
+  [lazy70_rec]='lambda L: {"lazy": LazyPrefill(layers=(0.25, 0.5, 0.75), keep=(0.7, 0.5, 0.3)), "recycle": Recycle(k=L // 8, stride=16)}'
   [lazy_rec_share0]='lambda L: {"lazy": LazyPrefill(), "recycle": Recycle(k=L // 8, stride=16, share=0.0)}'
 )
 tasks="niah_single niah_multikey niah_multivalue" depths="0.1 0.3 0.5 0.7 0.9"
