@@ -40,9 +40,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from .engine import KV_TYPE_NAMES, KV_TYPES, Context, Model, kv_type
+from .engine import KV_TYPE_NAMES, Context, Model
 from .completion import Job, run_completion
 from .errors import ModelLoadError, PylazyError
+from .llama_args import check_kv_types, check_llama_kwargs, structured_output
 from .generate import ContextCache, RecyclePolicy, StepStats, generate_step, prefill, prefill_stats
 from .models import resolve_model_path
 from .perplexity import perplexity
@@ -52,24 +53,6 @@ from .reuse import lazy_settings, reusable_rows, settings_key
 from .profiles import default_policies
 
 LLAMA_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: "pick a random seed"
-
-# llama_cpp.Llama keywords accepted for drop-in use that change nothing here: placement,
-# threading and memory mapping are the engine's choice, and it can always return logprobs.
-_IGNORED_KWARGS = frozenset({
-    "use_mmap", "use_mlock", "n_threads_batch", "offload_kqv",
-    "op_offload", "swa_full", "no_perf", "numa", "logits_all",
-})
-# Keywords accepted only at their llama-cpp-python default: other values ask for features
-# the engine does not have, and silently ignoring them would change results.
-_DEFAULT_ONLY_KWARGS: Dict[str, Any] = {
-    "vocab_only": False, "embedding": False, "kv_overrides": None,
-    "rope_scaling_type": -1, "pooling_type": -1, "attention_type": -1,
-    "rope_freq_base": 0.0, "rope_freq_scale": 0.0, "yarn_ext_factor": -1.0,
-    "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0, "yarn_orig_ctx": 0,
-    "lora_base": None, "lora_scale": 1.0, "lora_path": None, "draft_model": None,
-    "tokenizer": None, "spm_infill": False,
-}
-
 
 class _ClosedVocab:
     """Stands in for the tokenizer after close(): llama_cpp's closed model would segfault."""
@@ -93,25 +76,6 @@ class LlamaState:
     scores: np.ndarray             # float32 [1, n_vocab] ([0, n_vocab] when n_tokens == 0)
     n_tokens: int
     seed: int
-
-
-def _structured_output(grammar: Any, response_format: Any) -> Any:
-    """The grammar a call asks for: ``grammar`` or one made from ``response_format``."""
-    from .grammar import grammar_for_response_format
-    from_format = grammar_for_response_format(response_format)
-    if from_format is not None and grammar is not None:
-        raise ValueError("give grammar or a JSON response_format, not both")
-    return grammar if from_format is None else from_format
-
-
-def _check_kv_types(flash_attn: Any, type_k: Any, type_v: Any) -> Tuple[int, int]:
-    """(type_k, type_v) as ggml type ids, or a clear error before any model is loaded."""
-    if not isinstance(flash_attn, (bool, np.bool_)):
-        raise TypeError(f"flash_attn must be a bool, got {type(flash_attn).__name__}")
-    k, v = kv_type(type_k, "type_k"), kv_type(type_v, "type_v")
-    if v not in (KV_TYPES["f32"], KV_TYPES["f16"], KV_TYPES["bf16"]) and not flash_attn:
-        raise ValueError(f"a quantized V cache (type_v={KV_TYPE_NAMES[v]}) needs flash_attn=True, as in llama.cpp")
-    return k, v
 
 
 class Llama:
@@ -144,21 +108,14 @@ class Llama:
                  split_mode: int = 1, main_gpu: int = 0, tensor_split: Optional[List[float]] = None,
                  rpc_servers: Optional[Union[str, List[str]]] = None,
                  lazy: Any = ..., recycle: Any = ..., **kwargs: Any):
-        for name, value in kwargs.items():
-            if name in _IGNORED_KWARGS:
-                continue
-            if name not in _DEFAULT_ONLY_KWARGS:
-                raise TypeError(f"Llama() got an unexpected keyword argument {name!r}")
-            if value != _DEFAULT_ONLY_KWARGS[name]:
-                raise ValueError(f"Llama({name}={value!r}) is not supported by pylazy "
-                                 f"(only the default {_DEFAULT_ONLY_KWARGS[name]!r})")
+        check_llama_kwargs(kwargs)
         n_ctx = check_int("n_ctx", n_ctx, 0)
         n_batch = check_int("n_batch", n_batch, 1)
         n_ubatch = check_int("n_ubatch", n_ubatch, 1)
         self.last_n_tokens_size = check_int("last_n_tokens_size", last_n_tokens_size, 0)
         if n_threads is not None:
             check_int("n_threads", n_threads, 1)
-        kv_types = _check_kv_types(flash_attn, type_k, type_v)
+        kv_types = check_kv_types(flash_attn, type_k, type_v)
         n_gpu_layers = check_int("n_gpu_layers", n_gpu_layers, -2 ** 31)   # < 0: all, as llama.cpp
         self.verbose = bool(verbose)
         self.model_path = resolve_model_path(model_path)
@@ -513,7 +470,7 @@ class Llama:
         """
         if mirostat_mode != 0:
             raise ValueError("mirostat sampling is not implemented in pylazy (mirostat_mode must be 0)")
-        grammar = _structured_output(grammar, response_format)
+        grammar = structured_output(grammar, response_format)
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, Integral)):
             raise TypeError(f"max_tokens must be an int or None, got {type(max_tokens).__name__}")
         if logprobs is not None:
@@ -568,7 +525,7 @@ class Llama:
         handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
                    or chat_formats.get_chat_completion_handler(self.chat_format))
         # llama-cpp-python's handlers know only json_object: the grammar is made here, once
-        grammar, response_format = _structured_output(grammar, response_format), None
+        grammar, response_format = structured_output(grammar, response_format), None
         # The handler calls self.create_completion without our keywords: pass them aside.
         self._call_policy = {"lazy": lazy, "recycle": recycle}
         try:

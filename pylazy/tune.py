@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from .tune_rule import add_paired, cascade, paired, prompt_scores, shortlist
 
