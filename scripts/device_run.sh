@@ -49,9 +49,11 @@ for step in "$@"; do
         mkdir -p /tmp/models && cp .device-$step/models.txz.* /tmp/models/ && ls -la /tmp/models | tail -n +2 ;;
     families)
         . $W/env.sh
-        if ! compgen -G "/tmp/models/*.gguf" >/dev/null; then
-            (cd /tmp/models && cat models.txz.* | xz -d | tar -x; sha256sum -c ./*.sha256)
-        fi
+        # (re)unpack while a named model is missing: pieces may arrive between two families calls
+        for name in ${MODELS:-qwen gemma smol}; do
+            [[ -s /tmp/models/$name.gguf ]] && continue
+            (cd /tmp/models && cat models.txz.* | xz -d | tar -x; sha256sum -c ./*.sha256); break
+        done
         for name in ${MODELS:-qwen gemma smol}; do
             [[ -s /tmp/models/$name.gguf ]] || { echo "$name: not (wholly) carried"; continue; }
             SET=families MODEL_NAME=$name bash scripts/device_evals.sh "/tmp/models/$name.gguf" "$OUT"
