@@ -52,7 +52,8 @@ for step in "$@"; do
         # (re)unpack while a named model is missing: pieces may arrive between two families calls
         for name in ${MODELS:-qwen gemma smol}; do
             [[ -s /tmp/models/$name.gguf ]] && continue
-            (cd /tmp/models && cat models.txz.* | xz -d | tar -x; sha256sum -c ./*.sha256); break
+            (cd /tmp/models && cat models.txz.* | xz -d | tar -x
+             for sum in ./*.sha256; do sha256sum -c "$sum" || rm -f "${sum%.sha256}.gguf"; done); break
         done
         for name in ${MODELS:-qwen gemma smol}; do
             [[ -s /tmp/models/$name.gguf ]] || { echo "$name: not (wholly) carried"; continue; }
