@@ -33,7 +33,7 @@ for step in "$@"; do
     build)
         restore_prebuilt
         bash scripts/device_build.sh 2>&1 | tee "$OUT/build.log" | grep -v '^\[device_build.*\.\.\.' | tail -n 12
-        if [[ ! -e .device/prebuilt ]]; then
+        if [[ ! -e .device/prebuilt && ${PREBUILT:-1} == 1 ]]; then   # PREBUILT=0: skip (it is ~250 MB with CUDA, too big to carry)
             (cd "$W/site" && tar -c llama_cpp lib include .llama_cpp.stamp 2>/dev/null | xz -T0 -6 > /tmp/prebuilt.tar.xz)
             sz=$(stat -c %s /tmp/prebuilt.tar.xz); echo "prebuilt: $sz bytes"
             ((sz < 60000000)) && split -b 15000000 -d /tmp/prebuilt.tar.xz "$OUT/prebuilt.tar.xz."
