@@ -540,13 +540,10 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .cli_args import UsageError
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    if args.decode_steps < 1:
-        raise UsageError(f"--decode-steps must be >= 1, got {args.decode_steps}")
-    if args.repeat is not None and args.repeat < 1:
-        raise UsageError(f"--repeat must be >= 1, got {args.repeat}")
+    from .cli_args import UsageError, require_at_least
+    for flag, value in (("--threads", args.threads), ("--decode-steps", args.decode_steps),
+                        ("--repeat", args.repeat)):
+        require_at_least(flag, value, 1)
     try:
         make_plan(args)
     except ValueError as exc:

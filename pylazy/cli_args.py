@@ -20,6 +20,12 @@ class UsageError(Exception):
     """A flag value that parsed but does not make sense (exit 2, like argparse)."""
 
 
+def require_at_least(flag: str, value: Any, minimum: int) -> None:
+    """UsageError unless an integer option is unset (None) or at least `minimum`."""
+    if value is not None and value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+
+
 def add_command(subparsers, name: str, help: str, description: str, add_arguments, main) -> None:
     """A subcommand: its parser, its arguments and the `main(args) -> exit code` it runs."""
     p = subparsers.add_parser(name, help=help, description=description)

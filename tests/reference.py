@@ -320,3 +320,13 @@ def recycle_topk(q, k, k_count: int, pool: int = 0) -> np.ndarray:
     per_kv = recycle_scores(q, k, pool)                                # [n_head_kv, n]
     kc = min(k_count, per_kv.shape[1])
     return np.stack([_top_indices(row, kc) for row in per_kv]).astype(np.int64)
+
+
+def llama_greedy(ref, n: int) -> list:
+    """llama.cpp's greedy continuation of what `ref` (a llama_cpp.Llama with logits_all) evaluated,
+    token by token from its own logits: the reference for a greedy decode of n tokens."""
+    tokens = []
+    for _ in range(n):
+        tokens.append(int(ref.scores[ref.n_tokens - 1].argmax()))
+        ref.eval([tokens[-1]])
+    return tokens

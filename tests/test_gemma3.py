@@ -21,6 +21,7 @@ from pylazy.policy import StepKind
 from pylazy.errors import ModelLoadError
 from pylazy.gguf_check import check_gguf
 from pylazy.llama_ref import reference_llama
+from tests.reference import llama_greedy
 from tests.text_tokens import readme_tokens, registry_path_or_skip
 
 MAX_ABS_DIFF = 0.0   # exact: same kernels, same batch shapes as llama.cpp (see _assert_matches_llama_cpp)
@@ -197,10 +198,7 @@ def test_gemma3_270m_short_prompt_and_greedy_match_llama_cpp(gemma_path):
     _assert_close(got, want)
     # llama.cpp's greedy decode, token by token (Llama.generate samples the same tokens, measured,
     # but its Python sampling over 262144 logits takes ~2 s a token here)
-    want_toks = []
-    for _ in range(16):
-        want_toks.append(int(ref.scores[ref.n_tokens - 1].argmax()))
-        ref.eval([want_toks[-1]])
+    want_toks = llama_greedy(ref, 16)
     ref.close()
     assert toks == want_toks
 

@@ -12,6 +12,7 @@ import pytest
 
 from pylazy.engine import Context, Model
 from pylazy.llama_ref import reference_llama
+from tests.reference import llama_greedy
 from tests.text_tokens import readme_tokens, registry_path_or_skip
 
 MAX_ABS_DIFF = 0.0
@@ -59,10 +60,7 @@ def test_qwen_all_logits_and_greedy_match_llama_cpp(qwen_path):
                           flash_attn=True, n_threads=THREADS)
     ref.eval(prompt)
     _assert_close(got, np.array(ref.scores[: len(prompt)], dtype=np.float32))
-    want_toks = []
-    for _ in range(16):
-        want_toks.append(int(ref.scores[ref.n_tokens - 1].argmax()))
-        ref.eval([want_toks[-1]])
+    want_toks = llama_greedy(ref, 16)
     ref.close()
     assert toks == want_toks
 

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from ..cli_args import UsageError, add_command, add_device_arguments, add_policy_arguments, device_kwargs, policies_from_args
+from ..cli_args import UsageError, add_command, require_at_least, add_device_arguments, add_policy_arguments, device_kwargs, policies_from_args
 
 
 def register(subparsers) -> None:
@@ -39,12 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if args.ctx < 0:
-        raise UsageError(f"--ctx must be >= 0, got {args.ctx}")
-    if args.parallel < 1:
-        raise UsageError(f"--parallel must be >= 1, got {args.parallel}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    require_at_least("--ctx", args.ctx, 0)
+    require_at_least("--parallel", args.parallel, 1)
+    require_at_least("--threads", args.threads, 1)
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
 
