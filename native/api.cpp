@@ -256,6 +256,9 @@ int plz_set_lazy(plz_context * ctx, int32_t n, const int32_t * layers, const flo
     });
 }
 
+static_assert((int) plz::RecycleMode::TopK == PLZ_RECYCLE_TOPK && (int) plz::RecycleMode::Window == PLZ_RECYCLE_WINDOW &&
+              (int) plz::RecycleMode::Off == PLZ_RECYCLE_OFF, "RecycleMode follows the C API");
+
 int32_t plz_keep_count(float keep, int32_t n_total) { return plz::keep_count(keep, n_total); }
 
 int plz_layer_stats(const plz_context * ctx, int32_t * cells, int64_t * revived, uint64_t * kv_bytes) {
@@ -285,7 +288,7 @@ int plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t tail_cap
                     float share) {
     return plz_api::guarded([&] {
         plz_api::require(ctx && mode >= 0 && mode <= 2, "recycle mode must be 0, 1 or 2");
-        plz_api::on_model(ctx->c->model(), [&] { ctx->c->set_recycle(mode, k, tail_cap, sinks, pool, share); });
+        plz_api::on_model(ctx->c->model(), [&] { ctx->c->set_recycle(static_cast<plz::RecycleMode>(mode), k, tail_cap, sinks, pool, share); });
     });
 }
 

@@ -11,7 +11,7 @@ extern "C" {
 static const plz::Context & refreshed(const plz_context * ctx, int32_t il, const void * out) {
     plz_api::require(ctx && out, "null argument");
     const plz::Context & c = *ctx->c;
-    plz_api::require(c.recycle().mode != 0 && c.recycle().valid, "no recycled cache (recycling off or no refresh yet)");
+    plz_api::require(c.recycle().mode != plz::RecycleMode::Off && c.recycle().valid, "no recycled cache (recycling off or no refresh yet)");
     plz_api::require(il >= 0 && il < c.model()->hp.n_layer, "layer out of range");
     return c;
 }

@@ -163,7 +163,7 @@ void Context::set_lazy(const std::vector<int> & layers, const std::vector<float>
     rec.stage_all.assign(kv.stages.size(), 0);
 }
 
-void Context::set_recycle(int mode, int k, int tail_cap, int sinks, int pool, float share) {
+void Context::set_recycle(RecycleMode mode, int k, int tail_cap, int sinks, int pool, float share) {
     drop_graphs();
     rec.configure(kv, mode, k, tail_cap, sinks, pool, share);
 }

@@ -36,9 +36,9 @@ public:
     // Pruning schedule: after layer layers[i], keep the fraction keep[i] of all tokens. Empty = full
     // attention. Only on an empty context (n_past == 0).
     void set_lazy(const std::vector<int> & layers, const std::vector<float> & keep, int pool = 0, int window = 1);
-    // Recycled attention: mode 0 off, 1 top-k by attention, 2 sinks + recent window; k kept tokens per KV
-    // head, tail_cap tokens decoded between refreshes (the stride).
-    void set_recycle(int mode, int k, int tail_cap, int sinks, int pool, float share);
+    // Recycled attention (recycle.h): k kept tokens per KV head, tail_cap tokens decoded between
+    // refreshes (the stride).
+    void set_recycle(RecycleMode mode, int k, int tail_cap, int sinks, int pool, float share);
     void set_threads(int n);
     void bind_threads() const;   // the model's CPU backend runs with this context's thread count
 

@@ -20,7 +20,7 @@ void RecycleState::free_buffers() {
     rk.clear(); rv.clear(); rq.clear(); ridx.clear(); rk_bits.clear(); rv_bits.clear();
 }
 
-void RecycleState::configure(const KvStore & kv, int mode_in, int k_in, int tail_in, int sinks_in, int pool_in, float share_in) {
+void RecycleState::configure(const KvStore & kv, RecycleMode mode_in, int k_in, int tail_in, int sinks_in, int pool_in, float share_in) {
     const Hparams & hp = kv.model->hp;
     RecycleState & r = *this;
     free_buffers();
@@ -32,7 +32,7 @@ void RecycleState::configure(const KvStore & kv, int mode_in, int k_in, int tail
     pending.clear();
     stage_all.assign(kv.stages.size(), 0);
     mode = mode_in;
-    if (mode == 0) return;
+    if (mode == RecycleMode::Off) return;
     if (k_in < 1 || tail_in < 1 || sinks_in < 0 || sinks_in > k_in) throw Error(PLZ_ERR_ARG, "recycle: need k >= 1, tail >= 1, 0 <= sinks <= k");
     if (tail_in > kv.n_ctx) throw Error(PLZ_ERR_ARG, "recycle: the stride exceeds the context");
     if (pool_in < 0 || pool_in > 64) throw Error(PLZ_ERR_ARG, "recycle: pool must be in [0, 64]");
@@ -70,7 +70,7 @@ ggml_tensor * build_refresh_layer(ggml_context * ctx0, ggml_cgraph * gf, const R
     const Hparams & hp = kv.model->hp;
     const int D = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
     ggml_build_forward_expand(gf, ggml_cpy(ctx0, ggml_reshape_1d(ctx0, q_last, (int64_t) D * H), r.rq[il]));
-    if (r.mode != 1) return nullptr;
+    if (r.mode != RecycleMode::TopK) return nullptr;
     // The query heads of a KV head as G columns of one product: its K rows are read once, not G times.
     return ggml_mul_mat(ctx0, kc, ggml_reshape_3d(ctx0, q_last, D, H / Hkv, Hkv));   // [n_kv, G, Hkv]
 }
@@ -184,10 +184,10 @@ ggml_tensor * build_refresh_gather(ggml_context * ctx0, ggml_cgraph * gf, const 
     // there. It is gathered as I32 (the *_bits views, gather_rows), so the rows go over bit for bit
     // with no F32 round trip (get_rows of F16 returns F32: the F32 block plus its F16 conversion cost
     // ~9 ms of a 64K refresh on the H100). Rows k.. are overwritten by the tail and masked until then.
-    const bool whole = r.mode == 1 && n_kv >= r.rows;
+    const bool whole = r.mode == RecycleMode::TopK && n_kv >= r.rows;
     const int n_take = whole ? r.rows : r.k;
     ggml_tensor * idx_all = nullptr;   // [n_take, Hkv * n_layers]
-    if (r.mode == 1) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers, true, in.best), in.bias), n_take);
+    if (r.mode == RecycleMode::TopK) idx_all = ggml_argsort_top_k(ctx0, ggml_add(ctx0, refresh_scores(ctx0, r, layers, true, in.best), in.bias), n_take);
     // On CUDA the copies (and the refresh token's tail row) are one kernel after the graph.
     ggml_tensor * kernel_idx = whole && r.cuda_gather ? idx_all->view_src : nullptr;
     if (kernel_idx) {
@@ -238,7 +238,7 @@ void RecycleState::reset(int n_stages) {
 
 StepKind RecycleState::choose(StepKind asked) const {
     StepKind kind = asked;
-    if (mode == 0) kind = StepKind::Full;
+    if (mode == RecycleMode::Off) kind = StepKind::Full;
     else if (kind == StepKind::Full) kind = StepKind::Refresh;   // with a recycled cache, a full step refills it
     if (kind == StepKind::Recycled && (!valid || n_tail >= tail_cap)) kind = StepKind::Refresh;
     return kind;
@@ -271,8 +271,8 @@ InputRecycle::InputRecycle(ggml_context * ctx0, const RecycleState & r, const Kv
     : r(r), kv(kv), kind(sg.b.kind), rows(r.rows), n_kv(sg.n_kv) {
     t.tail_row = new_input(ctx0, GGML_TYPE_I64, 1, 1, "rec_tail_row");
     if (kind == StepKind::Recycled) t.mask = new_input(ctx0, GGML_TYPE_F16, r.rows, 1, "rec_mask");
-    if (kind == StepKind::Refresh && r.mode == 1) t.bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "rec_bias");
-    if (kind == StepKind::Refresh && r.mode == 2) t.host_idx = new_input(ctx0, GGML_TYPE_I32, r.k, kv.model->hp.n_head_kv, "rec_idx");
+    if (kind == StepKind::Refresh && r.mode == RecycleMode::TopK) t.bias = new_input(ctx0, GGML_TYPE_F32, n_kv, 1, "rec_bias");
+    if (kind == StepKind::Refresh && r.mode == RecycleMode::Window) t.host_idx = new_input(ctx0, GGML_TYPE_I32, r.k, kv.model->hp.n_head_kv, "rec_idx");
 }
 
 bool InputRecycle::can_reuse(const Segment & sg) const {

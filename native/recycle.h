@@ -20,8 +20,11 @@ namespace plz {
 
 struct RefreshLayer;
 
+// How the recycled cache is filled at a refresh (the C API's PLZ_RECYCLE_*).
+enum class RecycleMode { Off = 0, TopK = 1, Window = 2 };   // Window: sinks + recent window (StreamingLLM)
+
 struct RecycleState {
-    int mode = 0;                // 0: off, 1: top-k by attention, 2: sinks + recent window (StreamingLLM)
+    RecycleMode mode = RecycleMode::Off;
     int k = 0, tail_cap = 0, sinks = 0;
     int pool = 0;                // top-k mode: neighbours within `pool` cells share a cell's score
     float share = 0.0f;          // top-k mode: + share x the cell's best score over all layers and heads
@@ -59,9 +62,9 @@ struct RecycleState {
     RecycleState & operator=(const RecycleState &) = delete;
     ~RecycleState() { free_buffers(); }
 
-    // Mode 0 off, 1 top-k by attention, 2 sinks + recent window; k kept tokens per KV head, tail_cap
-    // tokens decoded between refreshes (the stride). Allocates the recycled cache for kv's layers.
-    void configure(const KvStore & kv, int mode, int k, int tail_cap, int sinks, int pool, float share);
+    // k kept tokens per KV head, tail_cap tokens decoded between refreshes (the stride), sinks (Window),
+    // pool and share (TopK: plz_set_recycle). Allocates the recycled cache for kv's layers.
+    void configure(const KvStore & kv, RecycleMode mode, int k, int tail_cap, int sinks, int pool, float share);
     void reset(int n_stages);   // no valid recycled cache, counters zeroed
     // The step kind that runs when `asked` is (Full or Recycled, as the stride policy says): Full with
     // recycling off; a Refresh for a Full step with it, or for a Recycled one without a valid cache
@@ -70,7 +73,7 @@ struct RecycleState {
     // After a step of kind `ran` whose token sits at position pos: the tail and counters move on.
     void count(StepKind ran, int pos);
     // Refresh picks wait for every stage's scores (pending): share > 0 with several stages.
-    bool defer_picks(StepKind kind, int n_stages) const { return kind == StepKind::Refresh && mode == 1 && share > 0.0f && n_stages > 1; }
+    bool defer_picks(StepKind kind, int n_stages) const { return kind == StepKind::Refresh && mode == RecycleMode::TopK && share > 0.0f && n_stages > 1; }
 
     // A stage's refresh scores (best: F32 [n_kv], computed), kept until every stage has scored.
     void keep_pending_pick(const Segment & sg, const std::vector<RefreshLayer> & layers, ggml_tensor * best);
