@@ -119,8 +119,11 @@ def _number_list(text: str, what: str) -> List[Any]:
     return out
 
 
-def policies_from_args(args: argparse.Namespace) -> Tuple[Optional[LazyPrefill], Any]:
-    """(lazy, recycle) from the policy flags; UsageError for inconsistent or bad values."""
+def policies_from_args(args: argparse.Namespace, model_path: Optional[str] = None
+                       ) -> Tuple[Optional[LazyPrefill], Any]:
+    """(lazy, recycle) from the policy flags; UsageError for inconsistent or bad values. Plain
+    --lazy is the schedule measured for model_path when it is a registry model
+    (LazyPrefill.for_model), else LazyPrefill()'s."""
     lazy = None
     try:
         if args.lazy_layers is not None or args.lazy_keep is not None:
@@ -130,7 +133,8 @@ def policies_from_args(args: argparse.Namespace) -> Tuple[Optional[LazyPrefill],
                                keep=tuple(float(x) for x in _number_list(args.lazy_keep, "--lazy-keep")),
                                **({} if args.lazy_pool is None else {"pool": args.lazy_pool}))
         elif args.lazy or args.lazy_pool is not None:
-            lazy = LazyPrefill(**({} if args.lazy_pool is None else {"pool": args.lazy_pool}))
+            pool = {} if args.lazy_pool is None else {"pool": args.lazy_pool}
+            lazy = LazyPrefill.for_model(model_path, **pool) if model_path else LazyPrefill(**pool)
         recycle = None
         if args.streaming_window is not None:
             if args.recycle_k is not None:
@@ -170,12 +174,10 @@ def open_llama(args: argparse.Namespace):
     """The Llama the model, policy and context flags ask for, with a prefill progress bar."""
     from .llama import Llama
     from .models import resolve_model_path
-    lazy, recycle = policies_from_args(args)
-    if args.ctx < 0:
-        raise UsageError(f"--ctx must be >= 0, got {args.ctx}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    require_at_least("--ctx", args.ctx, 0)
+    require_at_least("--threads", args.threads, 1)
     path = resolve_model_path(args.model)   # ModelLoadError before the heavy imports
+    lazy, recycle = policies_from_args(args, path)
     unset = None if getattr(args, "no_profile", False) else ...   # ...: the file's `pylazy tune` profile, if any
     try:
         llm = Llama(path, n_ctx=args.ctx, n_threads=args.threads, verbose=False,

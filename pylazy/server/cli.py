@@ -65,8 +65,8 @@ def main(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UsageError(f"the server needs its optional dependencies ({exc.name} is missing): "
                          "pip install 'pylazy[server]'") from None
-    lazy, recycle = policies_from_args(args)
     path = resolve_model_path(args.model)   # ModelLoadError (exit 2) before loading anything
+    lazy, recycle = policies_from_args(args, path)
     try:
         llamas = open_slots(path, args.parallel, args.ctx, args.threads, lazy, recycle, device_kwargs(args))
     except ValueError as exc:   # e.g. a pruning layer the model does not have
