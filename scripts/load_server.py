@@ -19,7 +19,6 @@ import argparse
 import http.client
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.server_process import free_port, request  # noqa: E402
+from tests.server_process import free_port, request, stop_process  # noqa: E402
 
 COMPLETIONS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
                "The three laws of motion are"]
@@ -233,11 +232,7 @@ def bench_server(server: str, args, jobs) -> dict:
             report["rss_mib"].append(rss_mib(proc.pid))
         report["alive"] = proc.poll() is None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
         log.close()
     return report
 

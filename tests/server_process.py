@@ -46,13 +46,18 @@ def start_server(*args: str, timeout: float = 300.0):
     raise RuntimeError("server did not come up")
 
 
-def stop_server(proc) -> None:
+def stop_process(proc, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
     proc.terminate()
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def stop_server(proc) -> None:
+    stop_process(proc)
     proc.log.close()
 
 
