@@ -6,6 +6,7 @@
 #include "gather_cuda.h"
 #endif
 #include "keep.h"
+#include "op_report.h"
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -713,6 +714,7 @@ BatchResult run_segments(Context & c, const std::vector<Segment> & segs, float *
     Graph & g = *gp;
     for (size_t i = 0; i < segs.size(); ++i) set_segment_inputs(c, segs[i], g.in[i], i == 0);
     clock.lap(Profile::UPLOAD);
+    op_report_note(g.gf);
     check_status(ggml_backend_sched_graph_compute(sched, g.gf), "graph compute");
     if (g.gather_idx) run_cuda_gather(c, g.refresh, g.gather_idx, (int) segs[0].cells.back());
     clock.lap(Profile::COMPUTE);
@@ -839,6 +841,7 @@ void refresh_picks(Context & c) {
         set_input(in.bias, bias.data(), sizeof(float) * pk.n_kv);
         set_input(in.best, best.data(), sizeof(float) * pk.n_kv);
         set_input(in.tail_row, &tail_row, sizeof(int64_t));
+        op_report_note(gf);
         check_status(ggml_backend_sched_graph_compute(sched, gf), "refresh picks");
         if (sorted) run_cuda_gather(c, layers, sorted, pk.own_cell);
     }
