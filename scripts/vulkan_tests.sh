@@ -68,7 +68,12 @@ CMAKE_BUILD_PARALLEL_LEVEL=$JOBS nice -n 19 "$PY" -m pip install -q --no-build-i
 stamp "pylazy: built in $((SECONDS - t0)) s"
 
 # ---- 4. tests -------------------------------------------------------------------------------
-stamp "ggml devices: $("$PY" -c 'import pylazy.devices as d; print(d.list_devices())' 2>&1 | tail -n1)"
+# The tests import pylazy from the checkout, which would pick a CPU dev build in build/ first:
+# point it at the library just built against the Vulkan libggml.
+PYLAZY_LIB=$("$PY" -c 'import importlib.metadata as m; print(m.distribution("pylazy").locate_file("pylazy/libpylazy.so"))')
+export PYLAZY_LIB
+stamp "ggml devices:"
+"$PY" -c 'import ctypes, pylazy._native as N; b = ctypes.create_string_buffer(4096); N.lib.plz_local_devices(b, 4096); print(b.value.decode(), end="")' | sed 's/^/  /'
 "$PY" -m pylazy info --backends || exit 1
 t0=$SECONDS
 "$PY" -m pytest -q -m vulkan tests/test_vulkan.py
