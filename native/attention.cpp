@@ -1,6 +1,6 @@
 // KV cache formats and the attention op (see attention.h).
 #include "attention.h"
-#include "context.h"
+#include "model.h"
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -83,9 +83,11 @@ ggml_tensor * rotate(ggml_context * ctx0, ggml_tensor * t, ggml_tensor * had) {
 
 }  // namespace
 
-void configure_kv_format(Context & c, bool flash, int type_k, int type_v) {
-    const int D = c.model->hp.head_dim;
+void configure_kv_format(KvFormat & out, const Model & m, bool flash, int type_k, int type_v) {
+    const int D = m.hp.head_dim;
     KvFormat f;
+    f.head_dim = D;
+    f.n_head_kv = m.hp.n_head_kv;
     f.type_k = checked_type(type_k, "type_k", D);
     f.type_v = checked_type(type_v, "type_v", D);
     if (ggml_is_quantized(f.type_v) && !flash) {
@@ -101,7 +103,7 @@ void configure_kv_format(Context & c, bool flash, int type_k, int type_v) {
         f.ctx = ggml_init(ip);
         if (f.rot_k) f.had_k = ggml_new_tensor_2d(f.ctx, GGML_TYPE_F32, f.rot_k, f.rot_k);
         if (f.rot_v) f.had_v = ggml_new_tensor_2d(f.ctx, GGML_TYPE_F32, f.rot_v, f.rot_v);
-        f.buf = ggml_backend_alloc_ctx_tensors_from_buft(f.ctx, ggml_backend_get_default_buffer_type(c.model->output_backend())  /* the scheduler copies them to other devices */);
+        f.buf = ggml_backend_alloc_ctx_tensors_from_buft(f.ctx, ggml_backend_get_default_buffer_type(m.output_backend())  /* the scheduler copies them to other devices */);
         if (!f.buf) {
             f.free();
             throw Error(PLZ_ERR_RUNTIME, "out of memory allocating the KV rotation matrices");
@@ -110,30 +112,30 @@ void configure_kv_format(Context & c, bool flash, int type_k, int type_v) {
             if (t) ggml_backend_tensor_set(t, hadamard((int) t->ne[0]).data(), 0, ggml_nbytes(t));
         }
     }
-    c.kv.free();
-    c.kv = f;
+    out.free();
+    out = f;
 }
 
-ggml_tensor * new_stage_cache(ggml_context * ctx, const Context & c, bool is_v, int64_t cells) {
-    const int64_t C = (int64_t) c.model->hp.head_dim * c.model->hp.n_head_kv;
-    if (is_v && c.kv.v_trans) return ggml_new_tensor_2d(ctx, c.kv.type_v, cells, C);
-    return ggml_new_tensor_2d(ctx, is_v ? c.kv.type_v : c.kv.type_k, C, cells);
+ggml_tensor * new_stage_cache(ggml_context * ctx, const KvFormat & f, bool is_v, int64_t cells) {
+    const int64_t C = (int64_t) f.head_dim * f.n_head_kv;
+    if (is_v && f.v_trans) return ggml_new_tensor_2d(ctx, f.type_v, cells, C);
+    return ggml_new_tensor_2d(ctx, is_v ? f.type_v : f.type_k, C, cells);
 }
 
-ggml_tensor * new_recycled_cache(ggml_context * ctx, const Context & c, bool is_v, int64_t cells) {
-    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
-    if (is_v && c.kv.v_trans) return ggml_new_tensor_3d(ctx, c.kv.type_v, cells, D, Hkv);
-    return ggml_new_tensor_3d(ctx, is_v ? c.kv.type_v : c.kv.type_k, D, cells, Hkv);
+ggml_tensor * new_recycled_cache(ggml_context * ctx, const KvFormat & f, bool is_v, int64_t cells) {
+    const int D = f.head_dim, Hkv = f.n_head_kv;
+    if (is_v && f.v_trans) return ggml_new_tensor_3d(ctx, f.type_v, cells, D, Hkv);
+    return ggml_new_tensor_3d(ctx, is_v ? f.type_v : f.type_k, D, cells, Hkv);
 }
 
-int64_t cache_cells(const Context & c, bool is_v, bool recycled, const ggml_tensor * t) {
+int64_t cache_cells(const KvFormat & f, bool is_v, bool recycled, const ggml_tensor * t) {
     (void) recycled;
-    return is_v && c.kv.v_trans ? t->ne[0] : t->ne[1];
+    return is_v && f.v_trans ? t->ne[0] : t->ne[1];
 }
 
-void copy_stage_cells(const Context & c, bool is_v, ggml_tensor * from, ggml_tensor * to, int64_t n) {
+void copy_stage_cells(const KvFormat & f, bool is_v, ggml_tensor * from, ggml_tensor * to, int64_t n) {
     std::vector<uint8_t> tmp;
-    if (!(is_v && c.kv.v_trans)) {
+    if (!(is_v && f.v_trans)) {
         tmp.resize(from->nb[1] * (size_t) n);
         ggml_backend_tensor_get(from, tmp.data(), 0, tmp.size());
         ggml_backend_tensor_set(to, tmp.data(), 0, tmp.size());
@@ -148,43 +150,43 @@ void copy_stage_cells(const Context & c, bool is_v, ggml_tensor * from, ggml_ten
     ggml_backend_tensor_set(to, out.data(), 0, out.size());
 }
 
-ggml_tensor * rotate_qk(ggml_context * ctx0, const Context & c, ggml_tensor * t) { return rotate(ctx0, t, c.kv.had_k); }
-ggml_tensor * rotate_v(ggml_context * ctx0, const Context & c, ggml_tensor * t) { return rotate(ctx0, t, c.kv.had_v); }
+ggml_tensor * rotate_qk(ggml_context * ctx0, const KvFormat & f, ggml_tensor * t) { return rotate(ctx0, t, f.had_k); }
+ggml_tensor * rotate_v(ggml_context * ctx0, const KvFormat & f, ggml_tensor * t) { return rotate(ctx0, t, f.had_v); }
 
-ggml_tensor * v_operand(ggml_context * ctx0, const Context & c, ggml_tensor * v, bool recycled, int64_t n_kv) {
-    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
-    if (c.kv.v_trans) return ggml_view_3d(ctx0, v, n_kv, D, Hkv, v->nb[1], v->nb[1] * D, 0);   // [n_kv, D, Hkv]
+ggml_tensor * v_operand(ggml_context * ctx0, const KvFormat & f, ggml_tensor * v, bool recycled, int64_t n_kv) {
+    const int D = f.head_dim, Hkv = f.n_head_kv;
+    if (f.v_trans) return ggml_view_3d(ctx0, v, n_kv, D, Hkv, v->nb[1], v->nb[1] * D, 0);   // [n_kv, D, Hkv]
     if (recycled) return ggml_view_3d(ctx0, v, D, n_kv, Hkv, v->nb[1], v->nb[2], 0);
-    return v_stage_rows(ctx0, c, v, 0, n_kv);
+    return v_stage_rows(ctx0, f, v, 0, n_kv);
 }
 
-ggml_tensor * v_stage_rows(ggml_context * ctx0, const Context & c, ggml_tensor * v, int64_t c0, int64_t n) {
-    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
-    if (!c.kv.v_trans) return ggml_view_3d(ctx0, v, D, n, Hkv, v->nb[1], ggml_row_size(v->type, D), (size_t) c0 * v->nb[1]);
+ggml_tensor * v_stage_rows(ggml_context * ctx0, const KvFormat & f, ggml_tensor * v, int64_t c0, int64_t n) {
+    const int D = f.head_dim, Hkv = f.n_head_kv;
+    if (!f.v_trans) return ggml_view_3d(ctx0, v, D, n, Hkv, v->nb[1], ggml_row_size(v->type, D), (size_t) c0 * v->nb[1]);
     ggml_tensor * t = ggml_view_3d(ctx0, v, n, D, Hkv, v->nb[1], v->nb[1] * D, (size_t) c0 * ggml_element_size(v));
     return ggml_cont(ctx0, ggml_transpose(ctx0, t));
 }
 
-ggml_tensor * v_source(ggml_context * ctx0, const Context & c, ggml_tensor * v_cur) {
-    if (!c.kv.v_trans) return v_cur;
+ggml_tensor * v_source(ggml_context * ctx0, const KvFormat & f, ggml_tensor * v_cur) {
+    if (!f.v_trans) return v_cur;
     // [1, n, C]: each value a row of its own, so set_rows can place it in its channel's row of cells.
     return ggml_view_3d(ctx0, v_cur, 1, v_cur->ne[1], v_cur->ne[0], v_cur->nb[1], ggml_element_size(v_cur), 0);
 }
 
-ggml_tensor * v_source_cell(ggml_context * ctx0, const Context & c, ggml_tensor * v, int64_t cell) {
-    if (!c.kv.v_trans) return ggml_view_2d(ctx0, v, v->ne[0], 1, v->nb[1], (size_t) cell * v->nb[1]);
+ggml_tensor * v_source_cell(ggml_context * ctx0, const KvFormat & f, ggml_tensor * v, int64_t cell) {
+    if (!f.v_trans) return ggml_view_2d(ctx0, v, v->ne[0], 1, v->nb[1], (size_t) cell * v->nb[1]);
     return ggml_view_3d(ctx0, v, 1, 1, v->ne[1], ggml_element_size(v), v->nb[1], (size_t) cell * ggml_element_size(v));
 }
 
-ggml_tensor * store_stage_v(ggml_context * ctx0, const Context & c, ggml_tensor * v, ggml_tensor * src, ggml_tensor * idx) {
-    if (!c.kv.v_trans) return ggml_set_rows(ctx0, v, src, idx);
+ggml_tensor * store_stage_v(ggml_context * ctx0, const KvFormat & f, ggml_tensor * v, ggml_tensor * src, ggml_tensor * idx) {
+    if (!f.v_trans) return ggml_set_rows(ctx0, v, src, idx);
     ggml_tensor * dst = ggml_view_3d(ctx0, v, 1, v->ne[0], v->ne[1], ggml_element_size(v), v->nb[1], 0);   // [1, cells, C]
     return ggml_set_rows(ctx0, dst, src, idx);
 }
 
-ggml_tensor * store_recycled_v(ggml_context * ctx0, const Context & c, ggml_tensor * rv, ggml_tensor * src, ggml_tensor * idx) {
-    const int D = c.model->hp.head_dim, Hkv = c.model->hp.n_head_kv;
-    if (!c.kv.v_trans) {
+ggml_tensor * store_recycled_v(ggml_context * ctx0, const KvFormat & f, ggml_tensor * rv, ggml_tensor * src, ggml_tensor * idx) {
+    const int D = f.head_dim, Hkv = f.n_head_kv;
+    if (!f.v_trans) {
         // [D * Hkv, 1] -> [D, 1, Hkv]: one row per KV head.
         return ggml_set_rows(ctx0, rv, ggml_view_3d(ctx0, src, D, 1, Hkv, src->nb[1], D * ggml_element_size(src), 0), idx);
     }
@@ -192,15 +194,15 @@ ggml_tensor * store_recycled_v(ggml_context * ctx0, const Context & c, ggml_tens
     return ggml_set_rows(ctx0, dst, src, idx);
 }
 
-ggml_tensor * put_recycled_v_rows(ggml_context * ctx0, const Context & c, ggml_tensor * rv, ggml_tensor * rows) {
+ggml_tensor * put_recycled_v_rows(ggml_context * ctx0, const KvFormat & f, ggml_tensor * rv, ggml_tensor * rows) {
     const int64_t D = rows->ne[0], n = rows->ne[1], Hkv = rows->ne[2];
-    if (!c.kv.v_trans) return ggml_cpy(ctx0, rows, ggml_view_3d(ctx0, rv, D, n, Hkv, rv->nb[1], rv->nb[2], 0));
+    if (!f.v_trans) return ggml_cpy(ctx0, rows, ggml_view_3d(ctx0, rv, D, n, Hkv, rv->nb[1], rv->nb[2], 0));
     return ggml_cpy(ctx0, ggml_transpose(ctx0, rows), ggml_view_3d(ctx0, rv, n, D, Hkv, rv->nb[1], rv->nb[2], 0));
 }
 
-ggml_tensor * build_attention(ggml_context * ctx0, const Context & c, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
+ggml_tensor * build_attention(ggml_context * ctx0, const KvFormat & f, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v,
                               ggml_tensor * mask, float kq_scale) {
-    if (c.kv.flash) {
+    if (f.flash) {
         // llama.cpp hands flash attention F16 K/V when the cache is F32.
         if (k->type == GGML_TYPE_F32) k = ggml_cast(ctx0, k, GGML_TYPE_F16);
         if (v->type == GGML_TYPE_F32) v = ggml_cast(ctx0, v, GGML_TYPE_F16);
@@ -217,12 +219,11 @@ ggml_tensor * build_attention(ggml_context * ctx0, const Context & c, ggml_tenso
     return ggml_cont(ctx0, ggml_permute(ctx0, kqv, 0, 2, 1, 3));     // [D, H, n]
 }
 
-void read_stage_cell(const Context & c, int il, bool is_v, int64_t cell, float * out) {
-    const ggml_tensor * t = is_v ? c.v[il] : c.k[il];
-    const int64_t C = (int64_t) c.model->hp.head_dim * c.model->hp.n_head_kv;
+void read_stage_cell(const KvFormat & f, const ggml_tensor * t, bool is_v, int64_t cell, float * out) {
+    const int64_t C = (int64_t) f.head_dim * f.n_head_kv;
     const auto * traits = ggml_get_type_traits(t->type);
     std::vector<uint8_t> raw;
-    if (is_v && c.kv.v_trans) {
+    if (is_v && f.v_trans) {
         const size_t es = ggml_element_size(t);
         raw.resize(es * C);
         for (int64_t ch = 0; ch < C; ++ch) ggml_backend_tensor_get(t, raw.data() + ch * es, ch * t->nb[1] + cell * es, es);
@@ -233,7 +234,7 @@ void read_stage_cell(const Context & c, int il, bool is_v, int64_t cell, float *
     if (t->type == GGML_TYPE_F32) std::memcpy(out, raw.data(), sizeof(float) * C);
     else traits->to_float(raw.data(), out, C);
     // Back to the model's basis: the rotation is its own inverse.
-    const int n = is_v ? c.kv.rot_v : c.kv.rot_k;
+    const int n = is_v ? f.rot_v : f.rot_k;
     if (n == 0) return;
     const std::vector<float> h = hadamard(n);
     std::vector<float> tmp(n);

@@ -293,31 +293,10 @@ static void place_weights(Model & mr, ggml_context * meta, const std::vector<Ten
     for (auto & e : m->ctx_extra) alloc(e.second, e.first);
 }
 
-Model * load_model(const std::string & path, const SplitParams & split, int n_threads, bool use_extra_bufts) {
-    FILE * probe = std::fopen(path.c_str(), "rb");
-    if (!probe) throw load_error("cannot open model file '" + path + "'");
-    std::fseek(probe, 0, SEEK_END);
-    const long long file_size = std::ftell(probe);
-    std::fclose(probe);
-
-    ggml_context * meta = nullptr;
-    gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ &meta };
-    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
-    if (!g) throw load_error("'" + path + "' is not a valid GGUF file (bad magic, version, metadata or tensor table)");
-    std::unique_ptr<gguf_context, void (*)(gguf_context *)> g_guard(g, gguf_free);
-    std::unique_ptr<ggml_context, void (*)(ggml_context *)> meta_guard(meta, ggml_free);
-
-    GgufReader r{g, ""};
-    r.arch = r.get_str("general.architecture");
-    if (r.arch.empty()) throw load_error("missing metadata 'general.architecture'");
-    const int arch = find_arch(r.arch);
-    if (arch < 0) throw load_error("unsupported architecture '" + r.arch + "' (supported: " + arch_names() + ")");
-
-    std::unique_ptr<Model> m(new Model());
-    m->hp = read_hparams(r, meta);
-    const Hparams & hp = m->hp;
-
-    // Every tensor the graph reads, with the shape it must have.
+// Every tensor the graph reads (the architecture table's rows for arch), checked against the file:
+// present when required, of the shape it must have, of a known type, with its data inside the file.
+static std::vector<TensorPlan> plan_tensors(Model & m, gguf_context * g, ggml_context * meta, int arch, long long file_size) {
+    const Hparams & hp = m.hp;
     std::vector<TensorPlan> plan;
     auto want = [&](const std::string & name, std::vector<int64_t> shape, ggml_tensor ** dst, bool on_cpu, bool required, int layer) {
         ggml_tensor * t = ggml_get_tensor(meta, name.c_str());
@@ -346,27 +325,29 @@ Model * load_model(const std::string & path, const SplitParams & split, int n_th
     // Every tensor of the architecture table this arch has, bound to its field; absent optional
     // ones stay null (output.weight absent: the head is tied to the embeddings).
     const uint32_t bit = 1u << arch;
-    m->layers.resize(hp.n_layer);
+    m.layers.resize(hp.n_layer);
     for (const TensorRow & row : tensor_rows()) {
         if (!(row.present & bit)) continue;
         const std::vector<int64_t> shape = {dim_size(hp, row.ne0), dim_size(hp, row.ne1)};
         const bool required = row.required & bit;
         if (!row.per_layer) {
-            want(row.name, shape, &(m.get()->*row.model_field), row.on_cpu, required, -1);
+            want(row.name, shape, &(m.*row.model_field), row.on_cpu, required, -1);
             continue;
         }
         for (int il = 0; il < hp.n_layer; ++il) {
-            want("blk." + std::to_string(il) + "." + row.name, shape, &(m->layers[il].*row.layer_field), false, required, il);
+            want("blk." + std::to_string(il) + "." + row.name, shape, &(m.layers[il].*row.layer_field), false, required, il);
         }
     }
-    m->tied_output = ggml_get_tensor(meta, "output.weight") == nullptr;   // (fields are set below, from the plan)
+    m.tied_output = ggml_get_tensor(meta, "output.weight") == nullptr;   // (fields are set below, from the plan)
     for (const auto & tp : plan) {
         if (ggml_n_dims(tp.meta) == 1 && tp.meta->type != GGML_TYPE_F32) {
             throw load_error(std::string("norm tensor '") + tp.meta->name + "' must be F32");
         }
     }
+    return plan;
+}
 
-    place_weights(*m, meta, plan, split, n_threads, use_extra_bufts);
+static void read_weights(Model & m, const std::string & path, gguf_context * g, ggml_context * meta, const std::vector<TensorPlan> & plan) {
     // Tensor data: one read per tensor straight into host buffers, through a staging vector for the GPU.
     FILE * f = std::fopen(path.c_str(), "rb");
     if (!f) throw load_error("cannot open model file '" + path + "'");
@@ -387,7 +368,34 @@ Model * load_model(const std::string & path, const SplitParams & split, int n_th
         if (!ggml_backend_buffer_is_host(dst->buffer)) ggml_backend_tensor_set(dst, target, 0, n);
     };
     for (const auto & tp : plan) read_into(tp.meta, *tp.dst);
-    if (m->output != m->tok_embd && m->tied_output) read_into(ggml_get_tensor(meta, "token_embd.weight"), m->output);
+    if (m.output != m.tok_embd && m.tied_output) read_into(ggml_get_tensor(meta, "token_embd.weight"), m.output);
+}
+
+Model * load_model(const std::string & path, const SplitParams & split, int n_threads, bool use_extra_bufts) {
+    FILE * probe = std::fopen(path.c_str(), "rb");
+    if (!probe) throw load_error("cannot open model file '" + path + "'");
+    std::fseek(probe, 0, SEEK_END);
+    const long long file_size = std::ftell(probe);
+    std::fclose(probe);
+
+    ggml_context * meta = nullptr;
+    gguf_init_params gp = { /*no_alloc*/ true, /*ctx*/ &meta };
+    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+    if (!g) throw load_error("'" + path + "' is not a valid GGUF file (bad magic, version, metadata or tensor table)");
+    std::unique_ptr<gguf_context, void (*)(gguf_context *)> g_guard(g, gguf_free);
+    std::unique_ptr<ggml_context, void (*)(ggml_context *)> meta_guard(meta, ggml_free);
+
+    GgufReader r{g, ""};
+    r.arch = r.get_str("general.architecture");
+    if (r.arch.empty()) throw load_error("missing metadata 'general.architecture'");
+    const int arch = find_arch(r.arch);
+    if (arch < 0) throw load_error("unsupported architecture '" + r.arch + "' (supported: " + arch_names() + ")");
+
+    std::unique_ptr<Model> m(new Model());
+    m->hp = read_hparams(r, meta);
+    const std::vector<TensorPlan> plan = plan_tensors(*m, g, meta, arch, file_size);
+    place_weights(*m, meta, plan, split, n_threads, use_extra_bufts);
+    read_weights(*m, path, g, meta, plan);
     return m.release();
 }
 

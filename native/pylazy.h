@@ -175,12 +175,6 @@ PLZ_API int  plz_set_recycle(plz_context * ctx, int32_t mode, int32_t k, int32_t
 // steps, NaN where not computed. kind_run: what ran (may be null).
 PLZ_API int  plz_decode(plz_context * ctx, int32_t token, int32_t kind, float * logits, float * sims, int32_t * kind_run);
 PLZ_API int  plz_recycle_stats(const plz_context * ctx, int64_t * full_steps, int64_t * recycled_steps);
-// Positions chosen per KV head at layer il by the last refresh: [n_head_kv, k]; -1 where the stage
-// kept every token (no gather).
-PLZ_API int  plz_recycle_positions(const plz_context * ctx, int32_t il, int32_t * positions);
-// The query of the last refresh at layer il (after RoPE, as attention used it): [n_head * head_dim] F32.
-PLZ_API int  plz_recycle_query(const plz_context * ctx, int32_t il, float * q);
-
 // Per-op profiling (native/op_profile.cpp): a ggml scheduler eval callback that times every node. A
 // context uses it when PYLAZY_PROFILE=ops; libllama takes it as llama_context_params.cb_eval.
 struct ggml_tensor;
@@ -195,16 +189,7 @@ PLZ_API int32_t plz_op_report(const char * label, char * buf, int32_t size);
 // graph build, graph alloc, upload, compute, outputs; then zeroes them.
 PLZ_API int  plz_context_take_profile(plz_context * ctx, double * seconds, int64_t * batches);
 
-// Introspection (tests, stats). Stage s: layers [il0, il1), cells in use, positions selected into it at
-// the last step (stage 0: none). cell_pos gets n_cells entries, selected n_selected.
-PLZ_API int  plz_n_stages(const plz_context * ctx);
-PLZ_API int  plz_stage_info(const plz_context * ctx, int32_t s, int32_t * il0, int32_t * il1, int32_t * n_cells, int32_t * n_selected);
-PLZ_API int  plz_stage_positions(const plz_context * ctx, int32_t s, int32_t * cell_pos, int32_t * selected);
-// K and V rows (as float, RoPE applied) of the tokens at `positions` in layer il: [n, head_dim * n_head_kv]
-// each; an error if one of them was never computed at that layer.
-PLZ_API int  plz_read_kv(const plz_context * ctx, int32_t il, int32_t n, const int32_t * positions, float * k, float * v);
-// Hidden states entering stage s (s >= 1) saved in the aux cache: [n, n_embd].
-PLZ_API int  plz_read_aux(const plz_context * ctx, int32_t s, int32_t n, const int32_t * positions, float * h);
+// Test-only introspection (stages, cells, the recycled cache): pylazy_debug.h.
 
 #ifdef __cplusplus
 }
