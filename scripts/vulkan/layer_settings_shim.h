@@ -5,9 +5,13 @@
 // with the C layout of the extension (VkLayerSettingEXT / VkLayerSettingsCreateInfoEXT).
 // The guard keeps it out of every other translation unit: CMake defines
 // ggml_vulkan_EXPORTS only for the ggml-vulkan target, and newer headers define the extension.
+// Only the C header is included: ggml-vulkan-types.h sets VULKAN_HPP_DISPATCH_LOADER_DYNAMIC before
+// it includes vulkan.hpp, and a vulkan.hpp included earlier (here) would fix the static dispatcher,
+// whose direct calls to extension functions (vkGetPipelineExecutableStatisticsKHR) the loader
+// library does not export: libggml-vulkan then fails to load.
 #pragma once
 #if defined(__cplusplus) && defined(ggml_vulkan_EXPORTS)
-#include <vulkan/vulkan.hpp>
+#include <vulkan/vulkan_core.h>
 #ifndef VK_EXT_layer_settings
 #include <cstdint>
 #include <vector>
