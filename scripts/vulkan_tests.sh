@@ -84,7 +84,12 @@ stamp "ggml devices:"
 "$PY" -c 'import ctypes, pylazy._native as N; b = ctypes.create_string_buffer(4096); N.lib.plz_local_devices(b, 4096); print(b.value.decode(), end="")' | sed 's/^/  /'
 "$PY" -m pylazy info --backends || exit 1
 t0=$SECONDS
-"$PY" -m pytest -q -m vulkan tests/test_vulkan.py
-rc=$?
+# Two processes: on lavapipe, the process that ran llama.cpp's reference aborted in the next test
+# (docs/vulkan.md), so the llama.cpp parity runs on its own.
+"$PY" -m pytest -q -rxX -m vulkan -p no:cacheprovider tests/test_vulkan.py -k llama_cpp 2>&1 | grep -v '^ggml_vulkan'
+rc1=${PIPESTATUS[0]}
+"$PY" -m pytest -q -rxX -m vulkan -p no:cacheprovider tests/test_vulkan.py -k "not llama_cpp" 2>&1 | grep -v '^ggml_vulkan'
+rc2=${PIPESTATUS[0]}
+rc=$((rc1 || rc2))
 stamp "tests: rc=$rc in $((SECONDS - t0)) s; whole script $((SECONDS - t_all)) s"
 exit $rc
