@@ -82,7 +82,9 @@ PYLAZY_LIB=$("$PY" -c 'import importlib.metadata as m; print(m.distribution("pyl
 export PYLAZY_LIB
 stamp "ggml devices:"
 "$PY" -c 'import ctypes, pylazy._native as N; b = ctypes.create_string_buffer(4096); N.lib.plz_local_devices(b, 4096); print(b.value.decode(), end="")' | sed 's/^/  /'
-"$PY" -m pylazy info --backends || exit 1
+# --n-gpu-layers 0: the same supports_op answers from CPU-run graphs; running SmolLM2 at 1024 rows
+# through every step on lavapipe took more than 8 min here.
+"$PY" -m pylazy info --backends --n-gpu-layers 0 2>&1 | grep -v "^ggml_vulkan" || exit 1
 t0=$SECONDS
 # Two processes: on lavapipe, the process that ran llama.cpp's reference aborted in the next test
 # (docs/vulkan.md), so the llama.cpp parity runs on its own.
