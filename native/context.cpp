@@ -3,6 +3,7 @@
 #include "context.h"
 #include "graph.h"
 #include "keep.h"
+#include "op_report.h"
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -83,6 +84,7 @@ Context::~Context() {
         if (slot.sched) ggml_backend_sched_free(slot.sched);
     }
     if (logits_host) ggml_backend_buffer_free(logits_host);
+    for (auto * be : own_backends) ggml_backend_free(be);
 }
 
 Context * Context::create(Model * model, int n_ctx, int n_ubatch, int n_threads, bool flash, int type_k, int type_v) {
@@ -124,6 +126,16 @@ void Context::init_schedulers(bool per_op) {
     // weights are, and the hidden state crosses devices through the scheduler's copies, as in llama.cpp.
     for (ggml_backend_t be : model->backends) {
         if (!be) continue;
+        // A Vulkan backend keeps per-graph state (command buffers, descriptor sets, tensors it last
+        // saw) that outlives a freed context: a second context on the model's backend crashed on
+        // lavapipe ("double free or corruption", docs/vulkan.md). llama.cpp makes backends per
+        // context; so do we for Vulkan (weights stay in the model's buffers, usable by any instance).
+        if (std::strncmp(ggml_backend_name(be), "Vulkan", 6) == 0) {
+            ggml_backend_t own = ggml_backend_dev_init(ggml_backend_get_device(be), nullptr);
+            if (!own) throw Error(PLZ_ERR_RUNTIME, "cannot create a Vulkan backend for the context");
+            own_backends.push_back(own);
+            be = own;
+        }
         backends.push_back(be);
         bufts.push_back(ggml_backend_get_default_buffer_type(be));
     }
@@ -478,6 +490,7 @@ Context::BatchResult Context::run_segments(const std::vector<Segment> & segs, fl
     GraphResult & g = *gp;
     g.set_inputs(segs);
     clock.lap(Profile::UPLOAD);
+    op_report_note(g.gf);
     check_status(ggml_backend_sched_graph_compute(slot.sched, g.gf), "graph compute");
     if (g.gather_idx) rec.run_cuda_gather(kv, g.refresh, g.gather_idx, segs[0].own_cell());
     clock.lap(Profile::COMPUTE);

@@ -126,6 +126,8 @@ private:
     // scripts/env_ab.py: prefill 4K +2.7 %, decode within 1 %). Null on the CPU, or with PYLAZY_PINNED=0.
     ggml_backend_buffer_type_t host_buft = nullptr;
     ggml_backend_buffer_t logits_host = nullptr;
+    // Vulkan backends of this context's own (see init_schedulers), freed after the schedulers.
+    std::vector<ggml_backend_t> own_backends;
 
     int n_past_ = 0;
     // Lazy stages: position of the step that made the current selections (Stage::selected). Fresh rows of

@@ -181,6 +181,10 @@ struct ggml_tensor;
 PLZ_API bool    plz_op_profile_callback(struct ggml_tensor * t, bool ask, void * user_data);
 PLZ_API void    plz_op_profile_reset(void);
 PLZ_API int32_t plz_op_profile_report(char * buf, int32_t size);
+// Op report (native/op_report.cpp): label != NULL starts recording the graphs computed from now on
+// under that label ("" also clears what was recorded); label == NULL stops and writes the JSON report
+// (devices, then per label/op/types the supports_op answer of each device) into buf; returns its size + 1.
+PLZ_API int32_t plz_op_report(const char * label, char * buf, int32_t size);
 // Host-side phase times of a context (PYLAZY_PROFILE set when it was made): seconds[6] = host inputs,
 // graph build, graph alloc, upload, compute, outputs; then zeroes them.
 PLZ_API int  plz_context_take_profile(plz_context * ctx, double * seconds, int64_t * batches);

@@ -2,6 +2,7 @@
 #ifdef PLZ_CUDA_GATHER
 #include "gather_cuda.h"
 #endif
+#include "op_report.h"
 #include "pylazy.h"
 
 #include "ggml-alloc.h"
@@ -390,6 +391,7 @@ void RecycleState::refresh_picks(const KvStore & kv, ggml_backend_sched_t sched,
         set_input(in.bias, bias.data(), sizeof(float) * pk.n_kv);
         set_input(in.best, best.data(), sizeof(float) * pk.n_kv);
         set_input(in.tail_row, &tail_row, sizeof(int64_t));
+        op_report_note(gf);
         check_status(ggml_backend_sched_graph_compute(sched, gf), "refresh picks");
         if (sorted) run_cuda_gather(kv, layers, sorted, pk.own_cell);
     }

@@ -134,6 +134,7 @@ _sigs = {
     "plz_op_profile_reset": (None, []),
     "plz_context_take_profile": (ctypes.c_int, [_p, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int64)]),
     "plz_op_profile_report": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_int32]),
+    "plz_op_report": (ctypes.c_int32, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int32]),
 }
 for _name, (_res, _args) in _sigs.items():
     _fn = getattr(lib, _name)

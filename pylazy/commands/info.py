@@ -20,6 +20,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--engine", action="store_true",
                    help="read the header with pylazy's engine instead of the gguf package")
+    p.add_argument("--backends", action="store_true",
+                   help="run each kind of engine step on the model and print, per backend device, the graph "
+                        "nodes that device cannot run (they fall back to the CPU)")
+    p.add_argument("--rows", default="32,1024", help="prompt lengths for --backends (default 32,1024)")
+    p.add_argument("--n-gpu-layers", type=int, default=-1,
+                   help="layers offloaded while --backends runs the steps (default -1: all). Every device is "
+                        "asked about every node wherever the model runs, so 0 gives the same table from "
+                        "CPU-run graphs, for a device whose driver cannot run them")
 
 
 def _gguf_info(path: str) -> Dict[str, Any]:
@@ -67,8 +75,17 @@ def model_info(path: str, use_gguf: Optional[bool] = None) -> Dict[str, Any]:
     return info
 
 
+def _backends(path: str, args: argparse.Namespace) -> int:
+    from ..op_report import format_report, op_report
+    report = op_report(path, n_gpu_layers=args.n_gpu_layers, rows=[int(x) for x in args.rows.split(",") if x])
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from ..models import resolve_model_path
+    if args.backends:
+        return _backends(resolve_model_path(args.model), args)
     from ..profiles import profile_summary
     info = model_info(resolve_model_path(args.model), use_gguf=False if args.engine else None)
     info["profile"] = profile_summary(info["path"])   # `pylazy tune`'s defaults for this file
