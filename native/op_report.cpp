@@ -13,6 +13,7 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -31,6 +32,8 @@ struct Row {
 
 std::mutex g_mu;
 std::string g_label;                   // empty: not recording
+// g_label non-empty, readable without the lock: every graph compute asks, and almost never records.
+std::atomic<bool> g_recording{false};
 std::map<std::tuple<std::string, std::string, std::string>, Row> g_rows;
 
 // Nodes that only reinterpret memory: no backend runs a kernel for them.
@@ -84,6 +87,7 @@ std::string report_json() {
 namespace plz {
 
 void op_report_note(const ggml_cgraph * gf) {
+    if (!g_recording.load(std::memory_order_relaxed)) return;
     std::lock_guard<std::mutex> lock(g_mu);
     if (g_label.empty()) return;
     const size_t n_dev = ggml_backend_dev_count();
@@ -115,9 +119,11 @@ int32_t plz_op_report(const char * label, char * buf, int32_t size) {
     if (label) {
         if (!*label) g_rows.clear();
         g_label = label;
+        g_recording = !g_label.empty();
         return 0;
     }
     g_label.clear();
+    g_recording = false;
     const std::string json = report_json();
     if (buf && size > 0) {
         const size_t n = std::min(json.size(), static_cast<size_t>(size - 1));
