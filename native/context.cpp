@@ -1,6 +1,7 @@
 // The context and its scheduling (see context.h): prefill_lazy() and step() are the two ways tokens
 // are scheduled through the stages; run_segments() runs one graph of prepared segments.
 #include "context.h"
+#include "node_dump.h"
 #include "graph.h"
 #include "keep.h"
 #include "op_report.h"
@@ -148,6 +149,7 @@ void Context::init_schedulers(bool per_op) {
         slot.sched = ggml_backend_sched_new(backends.data(), bufts.data(), (int) backends.size(), graph_size, false, true);
         if (!slot.sched) throw Error(PLZ_ERR_RUNTIME, "cannot create the graph scheduler");
         if (per_op) ggml_backend_sched_set_eval_callback(slot.sched, plz_op_profile_callback, nullptr);
+        else node_dump_install(slot.sched);
     }
 }
 

@@ -10,8 +10,21 @@ namespace plz {
 ggml_tensor * bits_alias(ggml_context * ctx, ggml_tensor * t, int D) {
     if (ggml_row_size(t->type, D) % sizeof(int32_t) != 0) return nullptr;
     ggml_tensor * a = ggml_new_tensor_4d(ctx, GGML_TYPE_I32, ggml_row_size(t->type, t->ne[0]) / sizeof(int32_t), t->ne[1], t->ne[2], t->ne[3]);
-    if (ggml_backend_tensor_alloc(t->buffer, a, t->data) != GGML_STATUS_SUCCESS) throw Error(PLZ_ERR_RUNTIME, "cannot alias a cache tensor");
+    place_as_view(a, t, 0);
     return a;
+}
+
+void place_as_view(ggml_tensor * a, ggml_tensor * t, size_t offs) {
+    ggml_tensor * base = t->view_src ? t->view_src : t;
+    offs += t->view_src ? t->view_offs : 0;
+    if (a->buffer || a->data || !base->buffer || offs + ggml_nbytes(a) > ggml_nbytes(base)) {
+        throw Error(PLZ_ERR_RUNTIME, "internal: cannot alias a cache tensor");
+    }
+    // ggml has no typed view of another type: the fields a ggml_view_* result would carry, then the
+    // view's own initialisation on the buffer (data = base data + offset).
+    a->view_src = base;
+    a->view_offs = offs;
+    if (ggml_backend_view_init(a) != GGML_STATUS_SUCCESS) throw Error(PLZ_ERR_RUNTIME, "cannot alias a cache tensor");
 }
 
 KvStore::~KvStore() {

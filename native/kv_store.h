@@ -46,6 +46,13 @@ struct Stage {
 // into KV-head rows of D values each; null when such a head row is not a whole number of ints.
 ggml_tensor * bits_alias(ggml_context * ctx, ggml_tensor * t, int D);
 
+// Places a (a tensor of any type, not yet allocated) on the memory of t at byte offset offs, as a view
+// of t for ggml: backends that reorder a graph (ggml-vulkan's graph_optimize) order two nodes by the
+// tensors they view, so a write through an alias and a read or write through t stay in graph order.
+// (An alias that ggml did not know as a view let Vulkan run the refresh token's tail-row write before
+// the gather that overwrote it: docs/vulkan.md.)
+void place_as_view(ggml_tensor * a, ggml_tensor * t, size_t offs);
+
 struct KvStore {
     const Model * model = nullptr;
     int n_ctx = 0;

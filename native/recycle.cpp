@@ -92,11 +92,13 @@ static ggml_tensor * refresh_scores(ggml_context * ctx0, const RecycleState & r,
     ggml_tensor * l0 = layers[0].logits;
     const int64_t n_kv = l0->ne[0], G = l0->ne[1], Hkv = l0->ne[2], per_layer = G * Hkv;
     const int64_t n_rows = per_layer * (int64_t) layers.size();
-    // Stack: the first layer padded to all rows, the others copied into place.
+    // Stack: the first layer padded to all rows, the others copied into place. As 2-D blocks of rows:
+    // ggml-vulkan's SET (0.25.3) places a source element by the destination's row stride and writes
+    // only its first row, so a 1-D source longer than a row (set_1d) lost the other rows there.
     ggml_tensor * all = ggml_pad(ctx0, ggml_reshape_2d(ctx0, l0, n_kv, per_layer), 0, (int) (n_rows - per_layer), 0, 0);
     for (size_t j = 1; j < layers.size(); ++j) {
-        all = ggml_set_1d_inplace(ctx0, all, ggml_reshape_1d(ctx0, layers[j].logits, n_kv * per_layer),
-                                  (size_t) j * per_layer * n_kv * sizeof(float));
+        all = ggml_set_2d_inplace(ctx0, all, ggml_reshape_2d(ctx0, layers[j].logits, n_kv, per_layer), all->nb[1],
+                                  (size_t) j * per_layer * all->nb[1]);
     }
     ggml_tensor * p = ggml_soft_max_ext(ctx0, ggml_reshape_3d(ctx0, all, n_kv, 1, n_rows), layers[0].mask, layers[0].kq_scale, 0.0f);
     // A refresh query attends to where the answer *starts*; the tokens right after it are read by the
@@ -135,11 +137,10 @@ static void gather_rows(ggml_context * ctx0, ggml_cgraph * gf, const RecycleStat
         ggml_tensor * src = ggml_view_3d(ctx0, src_bits, hi, n_kv, Hkv, src_bits->nb[1], hi * sizeof(int32_t), 0);
         ggml_tensor * rows = ggml_get_rows(ctx0, src, idx);   // [hi, n_take, Hkv] I32
         if (whole) {
-            // get_rows' result has the recycled cache's shape: it is placed on that memory (the allocator
-            // leaves a tensor that has memory alone), so the rows land there with no copy.
-            if (ggml_backend_tensor_alloc(dst->buffer, rows, dst->data) != GGML_STATUS_SUCCESS) {
-                throw Error(PLZ_ERR_RUNTIME, "cannot place the refresh gather in the recycled cache");
-            }
+            // get_rows' result has the recycled cache's shape: it is placed on that memory as a view of it
+            // (the allocator leaves a tensor that has memory alone), so the rows land there with no copy,
+            // and the tail row written after it (write_tail_row) is ordered after it on every backend.
+            place_as_view(rows, dst, 0);
             ggml_build_forward_expand(gf, rows);
         } else {
             ggml_build_forward_expand(gf, ggml_cpy(ctx0, rows, ggml_view_3d(ctx0, dst_bits, hi, n_take, Hkv, dst_bits->nb[1], dst_bits->nb[2], 0)));
