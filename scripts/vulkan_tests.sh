@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Vulkan build path, tested without a GPU on Mesa's lavapipe (llvmpipe, a CPU Vulkan driver):
-#   1. the apt packages (Mesa's Vulkan drivers, loader + headers, glslc, vulkaninfo) if missing
+#   1. the apt packages (Mesa's Vulkan drivers, loader + headers, glslc, SPIR-V headers, vulkaninfo) if
+#      missing; on Debian 12, lavapipe from bookworm-backports (Mesa 25; 22.3's crashed, below)
 #   2. llama-cpp-python==0.3.36 with -DGGML_VULKAN=on into its own venv ($VK_VENV)
 #   3. pylazy against that venv's libggml
 #   4. the Vulkan tests (tests/test_vulkan.py) and `pylazy info --backends`
@@ -32,14 +33,27 @@ stamp() { echo "[vulkan_tests $(date -u +%H:%M:%S)] $*"; }
 
 # ---- 1. apt packages ------------------------------------------------------------------------
 need=()
-for p in mesa-vulkan-drivers libvulkan-dev glslc vulkan-tools; do
+for p in mesa-vulkan-drivers libvulkan-dev glslc spirv-headers vulkan-tools; do
     dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
 done
 if ((${#need[@]})); then
     stamp "apt: installing ${need[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" || exit 1
 fi
-vulkaninfo --summary 2>/dev/null | grep -E "deviceName|apiVersion|driverName" | sed 's/^/  /'
+# lavapipe from bookworm-backports (Mesa 25): Debian 12's own (Mesa 22.3) frees a buffer's resource on
+# its queue thread and reads it again later (docs/vulkan.md, "The lavapipe 22.3 crash"), which crashed
+# about every other test run. LAVAPIPE_BACKPORTS=0 keeps the installed driver.
+mesa=$(dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null)
+if [[ ${LAVAPIPE_BACKPORTS:-1} == 1 && $(. /etc/os-release; echo "$VERSION_CODENAME") == bookworm && $mesa == 22.* ]]; then
+    stamp "apt: mesa-vulkan-drivers $mesa -> bookworm-backports"
+    src=/etc/apt/sources.list.d/pylazy-bookworm-backports.sources
+    grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/ || printf '%s\n' \
+        "Types: deb" "URIs: http://deb.debian.org/debian" "Suites: bookworm-backports" "Components: main" \
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg" >"$src"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -t bookworm-backports \
+        mesa-vulkan-drivers >/dev/null || exit 1
+fi
+vulkaninfo --summary 2>/dev/null | grep -E "deviceName|apiVersion|driverInfo" | sed 's/^/  /'
 
 # ---- 2. llama-cpp-python with Vulkan --------------------------------------------------------
 [[ -x $VK_VENV/bin/python ]] || python3 -m venv "$VK_VENV" || exit 1
@@ -95,18 +109,19 @@ rc2=${PIPESTATUS[0]}
 rc=$((rc1 || rc2))
 stamp "tests: rc=$rc in $((SECONDS - t0)) s"
 
-# ---- 5. ggml's own op tests for the refresh graph's ops (OP_TESTS=0 skips) ----------------------
+# ---- 5. ggml's own op tests for the refresh graph's ops (OP_TESTS=1 runs them) --------------------
 # llama.cpp's tests/test-backend-ops (from the same sdist, built against the same libggml) compares
 # each op on Vulkan0 with the CPU on its own shapes: it tells an op that is wrong on this device from
-# a problem in how the engine's graph composes them (the refresh xfail, docs/vulkan.md).
-if [ "${OP_TESTS:-1}" = 1 ]; then
+# a problem in how the engine's graph composes them (how the refresh bugs were told apart, docs/vulkan.md).
+# Off by default: TOP_K's cases alone ran over 30 min on lavapipe; each op gets at most 5 min.
+if [ "${OP_TESTS:-0}" = 1 ]; then
     LIB=$("$PY" -c 'import llama_cpp, os; print(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"))')
     LL=$SRC/vendor/llama.cpp
     nice -n 19 g++ -O1 -std=c++17 -I"$LL/ggml/include" -I"$LL/ggml/src" "$LL/tests/test-backend-ops.cpp" \
         -o "$VK_BUILD-test-backend-ops" -L"$LIB" -lggml -lggml-base -Wl,-rpath,"$LIB" -lpthread || exit 1
     for op in ARGSORT TOP_K POOL_2D PAD GET_ROWS SET CPY CONT SOFT_MAX; do
         printf '  %-9s ' "$op"
-        "$VK_BUILD-test-backend-ops" test -o "$op" -b Vulkan0 2>&1 | grep -E "tests passed|FAIL" | head -n 3 | tr '\n' ' '
+        timeout 300 "$VK_BUILD-test-backend-ops" test -o "$op" -b Vulkan0 2>&1 | grep -E "tests passed|FAIL" | head -n 3 | tr '\n' ' '
         echo
     done
 fi
