@@ -4,8 +4,8 @@ same device, keep = 100 % and K >= context exactness, and lazy prefill / recycle
 numpy references of tests/test_lazy.py and tests/test_recycle.py (their own test bodies, run with the
 model on Vulkan). Skipped unless ggml registers a Vulkan device.
 
-Tolerances: measured on lavapipe (llvmpipe, LLVM 15, Vulkan 1.3.230) with the tiny f32 model; the
-numbers are in the comments where a bound differs from the CPU tests'."""
+Tolerances: measured on lavapipe (Mesa 25.0.7, llvmpipe on LLVM 15, Vulkan 1.4.305) with the tiny f32
+model; the numbers are in the comments where a bound differs from the CPU tests'."""
 import os
 
 import numpy as np
