@@ -501,6 +501,21 @@ Context::BatchResult Context::run_segments(const std::vector<Segment> & segs, fl
     return r;
 }
 
+// The n cells of the highest scores, ties to the lower cell (the numpy reference's stable argsort): one
+// rule on every backend, so a lazy prefill keeps the same tokens wherever and whenever it runs.
+static std::vector<int32_t> top_cells(ggml_tensor * scores, int n) {
+    std::vector<float> s(ggml_nelements(scores));
+    ggml_backend_tensor_get(scores, s.data(), 0, sizeof(float) * s.size());
+    for (float & v : s) if (std::isnan(v)) v = -INFINITY;   // a strict order for nth_element
+    std::vector<int32_t> cells(s.size());
+    for (size_t i = 0; i < cells.size(); ++i) cells[i] = (int32_t) i;
+    n = std::min<int>(n, (int) cells.size());
+    auto higher = [&s](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
+    std::nth_element(cells.begin(), cells.begin() + n, cells.end(), higher);
+    cells.resize(n);
+    return cells;
+}
+
 // A graph's outputs: logits, the cells selected for the next stage, query similarities, refresh scores.
 Context::BatchResult Context::read_outputs(const std::vector<Segment> & segs, const GraphResult & g, float * logits_out) {
     const Segment & last = segs.back();
@@ -514,10 +529,7 @@ Context::BatchResult Context::read_outputs(const std::vector<Segment> & segs, co
         }
     }
     if (g.best) rec.keep_pending_pick(segs[0], g.refresh, g.best);
-    if (g.selected) {
-        r.selected_cells.resize(last.b.n_select);
-        ggml_backend_tensor_get(g.selected, r.selected_cells.data(), 0, sizeof(int32_t) * last.b.n_select);
-    }
+    if (g.select_scores) r.selected_cells = top_cells(g.select_scores, last.b.n_select);
     if (g.logits) read_logits(g.logits, logits_out, sizeof(float) * (size_t) last.b.n_logits * model_->hp.n_vocab);
     return r;
 }

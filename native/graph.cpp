@@ -331,7 +331,7 @@ void GraphResult::build(const GraphEnv & env, const std::vector<Segment> & segs)
 }
 
 // After the last layer: the refresh's picks (or its scores, when the picks wait for every stage), the
-// query similarities, the cells selected for the next stage.
+// query similarities, the scores that choose the cells for the next stage.
 void GraphResult::add_outputs(const GraphEnv & env, const std::vector<Segment> & segs, ggml_tensor * scores) {
     ggml_context * ctx0 = ctx.get();
     if (env.rec.defer_picks(segs[0].b.kind, (int) env.kv.stages.size()) && !refresh.empty()) {
@@ -348,10 +348,13 @@ void GraphResult::add_outputs(const GraphEnv & env, const std::vector<Segment> &
             ggml_build_forward_expand(gf, t);
         }
     }
+    // The cells to keep are chosen on the host from these scores (Context::read_outputs), not by
+    // ggml_top_k: pooled scores tie often, and backends order ties differently (ggml-vulkan on an
+    // NVIDIA GPU even from run to run, docs/vulkan.md). The stage-by-stage step waits for them anyway.
     if (scores) {
-        selected = ggml_top_k(ctx0, scores, segs.back().b.n_select);
-        ggml_set_output(selected);
-        ggml_build_forward_expand(gf, selected);
+        select_scores = scores;
+        ggml_set_output(select_scores);
+        ggml_build_forward_expand(gf, select_scores);
     }
 }
 

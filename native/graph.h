@@ -89,7 +89,7 @@ public:
 
     ggml_cgraph * gf = nullptr;
     ggml_tensor * logits = nullptr;
-    ggml_tensor * selected = nullptr;   // I32 [n_select] cells chosen for the next stage
+    ggml_tensor * select_scores = nullptr;  // F32 [n_kv]: the last row's importance per cell (the host picks)
     std::vector<std::vector<ggml_tensor *>> sims;   // per segment, per layer of its stage (null: SWA layer)
     std::vector<RefreshLayer> refresh;
     ggml_tensor * gather_idx = nullptr; // sorted cells for the CUDA gather kernel (build_refresh_gather)
