@@ -76,7 +76,9 @@ def test_prefill_selection_matches_numpy_reference(tiny, n_ubatch, pool, window)
         _assert_same_selection(got, ref_pos, imp_by_pos)
         exact += set(got.tolist()) == set(ref_pos.tolist())
         assert sorted(stages[s]["cell_pos"].tolist()) == sorted(got.tolist())  # only kept tokens computed
-    assert exact == len(SCHEDULE) or pool   # pooled scores tie in runs: the margin check above decides
+    # Pooled scores tie in runs; the engine breaks ties as the reference does (the lower position), so
+    # the kept sets are equal, pooled or not (ggml_top_k's own tie order kept 2 of 3 here).
+    assert exact == len(SCHEDULE)
     assert np.abs(logits - ref_logits).max() < 0.1
     assert logits.argmax() == ref_logits.argmax()
 
