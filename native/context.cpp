@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <numeric>
 
 namespace plz {
 
@@ -508,7 +509,7 @@ static std::vector<int32_t> top_cells(ggml_tensor * scores, int n) {
     ggml_backend_tensor_get(scores, s.data(), 0, sizeof(float) * s.size());
     for (float & v : s) if (std::isnan(v)) v = -INFINITY;   // a strict order for nth_element
     std::vector<int32_t> cells(s.size());
-    for (size_t i = 0; i < cells.size(); ++i) cells[i] = (int32_t) i;
+    std::iota(cells.begin(), cells.end(), 0);
     n = std::min<int>(n, (int) cells.size());
     auto higher = [&s](int32_t a, int32_t b) { return s[a] > s[b] || (s[a] == s[b] && a < b); };
     std::nth_element(cells.begin(), cells.begin() + n, cells.end(), higher);
